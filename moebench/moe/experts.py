@@ -1,0 +1,49 @@
+"""Stacked expert MLPs: all experts of a layer run in one batched matmul."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Experts(nn.Module):
+    """``num_experts`` ViT MLPs (d -> h -> d, GELU) with stacked weights.
+
+    ``forward`` takes one buffer per expert, shape (E, n, d), and returns
+    (E, n, d). Two ``baddbmm`` calls cover every expert at once.
+
+    Init follows the ViT MLP (xavier-uniform kernels, biases ~N(0, 1e-6)).
+    ``identical_init`` draws one expert and copies it to all (what the Soft MoE
+    reference code does); otherwise every expert gets its own draw.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, identical_init: bool = False):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.identical_init = identical_init
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        draws = 1 if self.identical_init else self.num_experts
+        for w, fan_in, fan_out in ((self.w1, self.dim, self.hidden_dim), (self.w2, self.hidden_dim, self.dim)):
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            w.copy_(torch.empty(draws, fan_in, fan_out).uniform_(-bound, bound).expand_as(w))
+        for b in (self.b1, self.b2):
+            b.copy_(torch.empty(draws, b.shape[1]).normal_(std=1e-6).expand_as(b))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))
+        return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"

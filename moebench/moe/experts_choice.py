@@ -1,0 +1,77 @@
+"""Experts Choice: each expert picks its top-c tokens of the group."""
+
+from __future__ import annotations
+
+import torch
+
+from .capacity import Rounding, compute_capacity
+from .sparse import SparseMoE, flat_token_index
+
+
+class ExpertsChoiceMoE(SparseMoE):
+    """Experts Choice routing (Zhou et al., 2022) as compared in the Soft MoE paper.
+
+    Per group of ``group_size`` examples: gates = softmax over experts of a
+    bias-free linear gate; every expert takes the ``c`` tokens with the largest
+    gate in its column, c = round(group_tokens * capacity_factor / E) by
+    default. A token's output sums the gate-weighted outputs of the experts
+    that picked it; a token picked by none outputs 0. No auxiliary loss: the
+    load is balanced by construction, token coverage is not (see metrics).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        capacity_factor: float = 1.0,
+        *,
+        group_size: int = 8,
+        noise_std: float = 0.0,
+        capacity_rounding: Rounding = "round",
+        identical_init: bool = False,
+    ):
+        super().__init__(
+            dim, hidden_dim, num_experts, capacity_factor, group_size=group_size, noise_std=noise_std,
+            capacity_rounding=capacity_rounding, identical_init=identical_init,
+        )
+
+    def capacity(self, group_tokens: int) -> int:
+        return compute_capacity(group_tokens, self.num_experts, self.capacity_factor, 1, self.capacity_rounding)
+
+    def active_expert_fraction(self) -> float:
+        return min(self.num_experts, self.capacity_factor) / self.num_experts
+
+    def route(self, x: torch.Tensor):
+        groups, m, dim = x.shape
+        capacity = self.capacity(m)
+        _, _, gates = self.gates(x)
+        weight, token = gates.transpose(1, 2).topk(capacity, dim=-1)  # (G, E, c)
+        flat = token + flat_token_index(groups, m, x.device)
+        buffers = x.reshape(groups * m, dim)[flat.transpose(0, 1).reshape(-1)]
+        state = {"flat": flat, "weight": weight, "gates": gates, "tokens": groups * m}
+        return buffers.view(self.num_experts, groups * capacity, dim), state
+
+    def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
+        groups, experts, capacity = state["flat"].shape
+        dim = expert_out.shape[-1]
+        weighted = expert_out.view(experts, groups, capacity, dim).transpose(0, 1) * state["weight"].unsqueeze(-1)
+        y = weighted.new_zeros(groups * state["gates"].shape[1], dim)
+        y = y.index_add(0, state["flat"].reshape(-1), weighted.reshape(-1, dim))  # a token may sum several experts
+        return y.view(groups, -1, dim)
+
+    def summarize(self, states: list[dict]):
+        with torch.no_grad():
+            picks = torch.cat([
+                torch.zeros(s["tokens"], device=s["flat"].device).index_add_(
+                    0, s["flat"].reshape(-1), torch.ones(s["flat"].numel(), device=s["flat"].device)
+                )
+                for s in states
+            ])
+            metrics = {
+                "tokens_0_experts": (picks == 0).float().mean(),
+                "tokens_1_expert": (picks == 1).float().mean(),
+                "tokens_2plus_experts": (picks >= 2).float().mean(),
+                "gate_entropy": self.gate_entropy(states),
+            }
+        return states[0]["gates"].new_zeros(()), metrics

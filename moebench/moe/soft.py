@@ -1,0 +1,129 @@
+"""Soft MoE (Puigcerver et al., 2023): every slot is a convex mix of one example's tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import MoELayer
+from .experts import Experts
+from .metrics import mean_entropy
+
+MODES = ("soft", "uniform", "identity")
+
+
+def l2_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x * rsqrt(sum x^2 + 1e-6)`` along ``dim``, as in the reference code."""
+    return x * torch.rsqrt(x.pow(2).sum(dim, keepdim=True) + 1e-6)
+
+
+class SoftMoE(MoELayer):
+    """Soft MoE layer over groups of ONE example each: (B, T, d) -> (B, T, d).
+
+    Logits between the L2-normalised tokens and slot parameters ``phi``
+    (d, n, p), times a learnable ``scale``. Dispatch weights are a softmax over
+    the tokens of an example (each slot is a convex combination of the raw
+    tokens); combine weights are a softmax over all n*p slots (each token is a
+    convex combination of the slot outputs). Slot ``s`` goes to expert
+    ``s // p``. Nothing is dropped and there is no auxiliary loss.
+
+    Args:
+        slots_per_expert: p. Ignored when ``slot_factor`` is given.
+        slot_factor: derive p = max(1, round(num_tokens * slot_factor / n));
+            needs ``num_tokens``.
+        normalize: L2-normalise tokens and ``phi`` for the logits (the paper's
+            choice; without it logits grow with d and routing turns one-hot).
+        identical_init: start every expert from the same draw (reference code).
+        dispatch, combine: "soft" (the method), "uniform" (every weight 1/m or
+            1/S) or "identity" (slot i <-> token i; needs n*p == tokens): the
+            ablations of the paper's Table 2.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        slots_per_expert: int = 1,
+        *,
+        slot_factor: float | None = None,
+        num_tokens: int | None = None,
+        normalize: bool = True,
+        identical_init: bool = True,
+        dispatch: str = "soft",
+        combine: str = "soft",
+    ):
+        super().__init__()
+        if slot_factor is not None:
+            if num_tokens is None:
+                raise ValueError("slot_factor needs num_tokens (tokens per example)")
+            slots_per_expert = max(1, math.floor(num_tokens * slot_factor / num_experts + 0.5))
+        if slots_per_expert < 1:
+            raise ValueError(f"slots_per_expert must be >= 1, got {slots_per_expert}")
+        for name, mode in (("dispatch", dispatch), ("combine", combine)):
+            if mode not in MODES:
+                raise ValueError(f"{name} must be one of {MODES}, got {mode!r}")
+        self.num_experts, self.slots_per_expert = num_experts, slots_per_expert
+        self.num_slots = num_experts * slots_per_expert
+        if "identity" in (dispatch, combine) and num_tokens is not None and num_tokens != self.num_slots:
+            raise ValueError(f"identity dispatch/combine needs slots == tokens, got {self.num_slots} != {num_tokens}")
+        self.normalize, self.dispatch, self.combine = normalize, dispatch, combine
+        self.phi = nn.Parameter(torch.empty(dim, num_experts, slots_per_expert))
+        self.scale = nn.Parameter(torch.ones(()))
+        self.experts = Experts(num_experts, dim, hidden_dim, identical_init=identical_init)
+        # lecun-normal as JAX computes it for a (d, n, p) kernel: fan_in = d * n.
+        std = 1.0 / math.sqrt(dim * num_experts) / 0.87962566103423978
+        nn.init.trunc_normal_(self.phi, std=std, a=-2 * std, b=2 * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        n, p, slots = self.num_experts, self.slots_per_expert, self.num_slots
+        if "identity" in (self.dispatch, self.combine) and tokens != slots:
+            raise ValueError(f"identity dispatch/combine needs slots == tokens, got {slots} != {tokens}")
+        logits = None
+        if "soft" in (self.dispatch, self.combine):
+            phi = self.phi.reshape(dim, slots)
+            xn = x
+            if self.normalize:
+                xn, phi = l2_normalize(x, -1), l2_normalize(phi, 0)
+            logits = xn @ (phi * self.scale)  # (B, m, S); the scale goes on the smaller operand
+
+        metrics = {}
+        if self.dispatch == "soft":
+            dispatch = logits.softmax(dim=1)  # over the tokens of one example
+            slot_in = dispatch.transpose(1, 2) @ x  # raw tokens, (B, S, d)
+            metrics.update(_weight_stats("dispatch", dispatch.detach(), dim=1))
+        elif self.dispatch == "uniform":
+            slot_in = x.mean(1, keepdim=True).expand(batch, slots, dim)
+        else:
+            slot_in = x
+
+        # (B, n*p, d) -> (n, B*p, d): each expert gets its p slots of every example.
+        expert_in = slot_in.reshape(batch, n, p, dim).transpose(0, 1).reshape(n, batch * p, dim)
+        expert_out = self.experts(expert_in)
+        slot_out = expert_out.reshape(n, batch, p, dim).transpose(0, 1).reshape(batch, slots, dim)
+
+        if self.combine == "soft":
+            combine = logits.softmax(dim=-1)  # over all slots jointly
+            y = combine @ slot_out
+            metrics.update(_weight_stats("combine", combine.detach(), dim=-1))
+        elif self.combine == "uniform":
+            y = slot_out.mean(1, keepdim=True).expand(batch, tokens, dim)
+        else:
+            y = slot_out
+        self.aux_loss = x.new_zeros(())
+        self.metrics = metrics
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
+            f"normalize={self.normalize}, dispatch={self.dispatch!r}, combine={self.combine!r}"
+        )
+
+
+def _weight_stats(prefix: str, weights: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
+    """Mean max weight and mean entropy of the distributions along ``dim``."""
+    return {f"{prefix}_max": weights.amax(dim).mean(), f"{prefix}_entropy": mean_entropy(weights, dim)}

@@ -1,0 +1,115 @@
+"""What Tokens Choice and Experts Choice share: the gate, groups and one expert call.
+
+A batch (B, T, d) is cut into groups of ``group_size`` consecutive examples.
+When B is not a multiple of the group size (the last batch of an epoch), the
+leftover examples form one smaller group with its own capacity. Each part
+(full groups, leftover group) is routed into per-expert buffers; the buffers of
+both parts are concatenated so that all experts still run in ONE batched call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import MoELayer
+from .capacity import Rounding, compute_capacity
+from .experts import Experts
+from .metrics import mean_entropy
+
+
+class SparseMoE(MoELayer):
+    """Base of the routers with a learned gate and fixed-size expert buffers.
+
+    Subclasses implement ``route(x) -> (buffers (E, rows, d), state)`` for one
+    part of shape (G, m, d), and ``combine(expert_out (E, rows, d), state) ->
+    (G, m, d)``; ``route`` may append per-group auxiliary losses and metric
+    pieces to ``state``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        capacity_factor: float,
+        *,
+        group_size: int,
+        noise_std: float,
+        capacity_rounding: Rounding,
+        identical_init: bool,
+    ):
+        super().__init__()
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        self.num_experts, self.capacity_factor = num_experts, capacity_factor
+        self.group_size, self.noise_std, self.capacity_rounding = group_size, noise_std, capacity_rounding
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = Experts(num_experts, dim, hidden_dim, identical_init=identical_init)
+
+    def capacity(self, group_tokens: int) -> int:
+        raise NotImplementedError
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean logits, noisy logits and the softmax gates used for routing.
+
+        Training-time noise has std ``noise_std / num_experts`` (V-MoE); in
+        eval mode, or with noise_std 0, the noisy logits are the clean ones.
+        """
+        logits = self.gate(x)
+        noisy = logits
+        if self.training and self.noise_std > 0:
+            noisy = logits + torch.randn_like(logits) * (self.noise_std / self.num_experts)
+        return logits, noisy, noisy.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        size = min(self.group_size, batch)
+        full = batch - batch % size
+        parts = [x[:full].reshape(full // size, size * tokens, dim)]
+        if full < batch:
+            parts.append(x[full:].reshape(1, (batch - full) * tokens, dim))
+
+        routed = [self.route(part) for part in parts]
+        rows = [buffers.shape[1] for buffers, _ in routed]
+        expert_out = self.experts(torch.cat([buffers for buffers, _ in routed], dim=1))
+        outputs = [
+            self.combine(out, state) for out, (_, state) in zip(expert_out.split(rows, dim=1), routed)
+        ]
+        y = torch.cat([out.reshape(-1, tokens, dim) for out in outputs], dim=0)
+        self.aux_loss, self.metrics = self.summarize([state for _, state in routed])
+        return y
+
+    def route(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def summarize(self, states: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    @staticmethod
+    @torch.no_grad()
+    def gate_entropy(states: list[dict]) -> torch.Tensor:
+        """Mean entropy of the per-token gate distributions over all parts."""
+        weights = [s["gates"].shape[0] * s["gates"].shape[1] for s in states]
+        values = [mean_entropy(s["gates"].detach()) for s in states]
+        return sum(w * v for w, v in zip(weights, values)) / sum(weights)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, capacity_factor={self.capacity_factor}, "
+            f"group_size={self.group_size}, noise_std={self.noise_std}, "
+            f"capacity_rounding={self.capacity_rounding!r}"
+        )
+
+
+def flat_token_index(groups: int, group_tokens: int, device) -> torch.Tensor:
+    """Offsets that turn per-group token indices (G, ...) into indices of the flat (G*m) tokens."""
+    return torch.arange(groups, device=device).view(groups, 1, 1) * group_tokens
+
+
+__all__ = ["SparseMoE", "compute_capacity", "flat_token_index"]

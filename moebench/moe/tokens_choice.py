@@ -1,0 +1,152 @@
+"""Tokens Choice: each token picks its top-k experts; full experts drop the rest."""
+
+from __future__ import annotations
+
+import torch
+
+from .capacity import Rounding, compute_capacity
+from .metrics import cv_squared, load_stats
+from .sparse import SparseMoE, flat_token_index
+
+
+def position_in_expert(choices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """For each entry of a (G, L) queue of expert ids, how many earlier entries
+    of its row chose the same expert: its slot in that expert's buffer.
+
+    A stable sort by expert keeps queue order inside each expert, so the rank
+    within the sorted run is the buffer position; O(L log L), no (L, E) one-hot.
+    """
+    groups, length = choices.shape
+    sorted_experts, perm = choices.sort(dim=1, stable=True)
+    counts = torch.zeros(groups, num_experts, dtype=torch.long, device=choices.device)
+    counts.scatter_add_(1, choices, torch.ones_like(choices))
+    run_start = (counts.cumsum(1) - counts).gather(1, sorted_experts)
+    rank = torch.arange(length, device=choices.device).expand(groups, length) - run_start
+    return torch.empty_like(choices).scatter_(1, perm, rank)
+
+
+class TokensChoiceMoE(SparseMoE):
+    """Top-k routing with expert capacity and Batch Priority Routing (V-MoE).
+
+    Per group of ``group_size`` examples: a bias-free gate and a softmax over
+    experts; each token picks its top-k experts. Buffers are filled rank by
+    rank (all first choices before any second choice); within a rank tokens
+    are served in order or, with ``bpr``, by descending top-1 gate. A choice
+    whose expert already holds ``capacity`` tokens is dropped. A token's
+    output is the sum of its kept experts' outputs weighted by their gate
+    values (not renormalised); a token dropped everywhere outputs 0.
+
+    capacity = ceil(k * group_tokens * capacity_factor / E), see
+    ``compute_capacity`` for ``capacity_rounding``.
+
+    Auxiliary losses (each per group, averaged over groups, summed with its
+    weight): importance and load (V-MoE; load needs training-time noise),
+    Switch/GShard, and router z-loss (ST-MoE).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        k: int = 1,
+        capacity_factor: float = 1.0,
+        bpr: bool = True,
+        *,
+        group_size: int = 8,
+        noise_std: float = 1.0,
+        capacity_rounding: Rounding = "ceil",
+        importance_weight: float = 0.005,
+        load_weight: float = 0.005,
+        switch_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
+        identical_init: bool = False,
+    ):
+        super().__init__(
+            dim, hidden_dim, num_experts, capacity_factor, group_size=group_size, noise_std=noise_std,
+            capacity_rounding=capacity_rounding, identical_init=identical_init,
+        )
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+        self.k, self.bpr = k, bpr
+        self.loss_weights = {
+            "importance": importance_weight, "load": load_weight, "switch": switch_weight, "z": z_loss_weight,
+        }
+
+    def capacity(self, group_tokens: int) -> int:
+        return compute_capacity(group_tokens, self.num_experts, self.capacity_factor, self.k, self.capacity_rounding)
+
+    def active_expert_fraction(self) -> float:
+        return self.k / self.num_experts
+
+    def route(self, x: torch.Tensor):
+        groups, m, dim = x.shape
+        experts, k, capacity = self.num_experts, self.k, self.capacity(m)
+        logits, noisy, gates = self.gates(x)
+        top_gate, top_expert = gates.topk(k, dim=-1)  # (G, m, k)
+
+        if self.bpr:
+            order = torch.argsort(top_gate[..., 0].detach(), dim=1, descending=True, stable=True)
+        else:
+            order = torch.arange(m, device=x.device).expand(groups, m)
+        by_rank = order.unsqueeze(-1).expand(groups, m, k)
+        queue = top_expert.gather(1, by_rank).transpose(1, 2).reshape(groups, k * m)
+        position = position_in_expert(queue, experts).reshape(groups, k, m).transpose(1, 2)
+        position = torch.empty_like(position).scatter_(1, by_rank, position)  # back to token order
+        kept = position < capacity
+
+        # Row of every choice in the stacked buffers (E, G*capacity); drops go
+        # to one extra row past the end that nobody reads.
+        rows = experts * groups * capacity
+        group_offset = torch.arange(groups, device=x.device).view(groups, 1, 1) * capacity
+        row = torch.where(kept, top_expert * (groups * capacity) + group_offset + position, rows)
+        token = (torch.arange(m, device=x.device).view(1, m, 1) + flat_token_index(groups, m, x.device))
+        source = torch.full((rows + 1,), groups * m, dtype=torch.long, device=x.device)  # -> zero pad row
+        source.scatter_(0, row.reshape(-1), token.expand(groups, m, k).reshape(-1))
+        x_padded = torch.cat([x.reshape(groups * m, dim), x.new_zeros(1, dim)])
+        buffers = x_padded[source[:rows]].view(experts, groups * capacity, dim)
+
+        state = {
+            "row": row, "weight": top_gate * kept, "gates": gates, "kept": kept, "choices": top_expert,
+            "losses": self.aux_losses(logits, noisy, gates),
+        }
+        return buffers, state
+
+    def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
+        experts, rows, dim = expert_out.shape
+        groups, m, k = state["row"].shape
+        padded = torch.cat([expert_out.reshape(experts * rows, dim), expert_out.new_zeros(1, dim)])
+        picked = padded[state["row"].reshape(-1)].view(groups, m, k, dim)
+        return (picked * state["weight"].unsqueeze(-1)).sum(2)
+
+    def aux_losses(self, logits: torch.Tensor, noisy: torch.Tensor, gates: torch.Tensor) -> dict:
+        """Per-group auxiliary losses, each of shape (G,)."""
+        groups, m, experts = logits.shape
+        importance = cv_squared(logits.softmax(-1).sum(1))
+        if self.training and self.noise_std > 0:
+            # P(expert e would make token t's top-k under fresh noise), V-MoE's load.
+            sigma = self.noise_std / experts
+            threshold = noisy.topk(self.k, dim=-1).values[..., -1:]
+            load = cv_squared(torch.special.ndtr((logits - threshold) / sigma).mean(1))
+        else:
+            load = logits.new_zeros(groups)
+        top1 = torch.zeros_like(gates[:, 0]).scatter_add_(
+            1, gates.argmax(-1), torch.full_like(gates[..., 0], 1.0 / m)
+        )
+        switch = experts * (top1 * gates.mean(1)).sum(-1)
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean(1)
+        return {"importance": importance, "load": load, "switch": switch, "z": z}
+
+    def summarize(self, states: list[dict]):
+        losses = {name: torch.cat([s["losses"][name] for s in states]).mean() for name in self.loss_weights}
+        aux = sum(self.loss_weights[name] * value for name, value in losses.items())
+        with torch.no_grad():
+            kept = sum(s["kept"].sum() for s in states)
+            choices = sum(s["kept"].numel() for s in states)
+            load = sum(torch.bincount(s["choices"].reshape(-1), minlength=self.num_experts) for s in states)
+            metrics = {"dropped": 1.0 - kept / choices, **load_stats(load), "gate_entropy": self.gate_entropy(states)}
+            metrics.update({f"{name}_loss": value.detach() for name, value in losses.items()})
+        return aux, metrics
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, bpr={self.bpr}, " + super().extra_repr()
