@@ -1,0 +1,13 @@
+"""Errors that mean "the user asked for something wrong": printed as one line, no traceback."""
+
+
+class UserError(Exception):
+    """Base of the errors whose message alone tells the user what to fix."""
+
+
+class ConfigError(UserError):
+    """A config value out of its allowed range or set."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, or belongs to another experiment."""

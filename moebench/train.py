@@ -1,0 +1,449 @@
+"""`moebench train`: the Hydra app that builds, trains, evaluates and measures one model.
+
+The only module that turns a config into objects. One call of ``run_job``
+is one run: it leaves ``result.json``, ``metrics.jsonl``, checkpoints and a
+W&B run in its run dir, whatever happens (status completed, failed or
+interrupted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from . import cost
+from .data import DataError, Loader, load_data
+from .errors import CheckpointError, ConfigError, UserError
+from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, collect_aux_loss, collect_metrics
+from .moe import count_parameters
+from .progress import TrainProgress, print_summary
+from .tracking import RunRecorder, atomic_torch_save
+from .vit import ViT, moe_block_indices
+
+log = logging.getLogger("moebench")
+
+ROUTERS = {"soft": SoftMoE, "tokens_choice": TokensChoiceMoE, "experts_choice": ExpertsChoiceMoE, "dense": DenseMLP}
+# Config keys that must agree between a checkpoint and the run that resumes it.
+RESUME_KEYS = ("model", "router", "data", "seed", "train.epochs", "train.lr", "train.schedule", "train.warmup_epochs")
+
+FAILED_JOBS: list[str] = []  # run dirs of jobs that failed in this process (the CLI's exit code)
+
+
+# ----------------------------------------------------------------------------- config -> objects
+
+def validate(cfg: DictConfig) -> None:
+    """Reject bad values with one line naming the key and what is allowed."""
+    r = cfg.router
+    if r.name not in ROUTERS:
+        raise ConfigError(f"router.name={r.name!r} is unknown; allowed: {', '.join(ROUTERS)}")
+    if r.name != "dense":
+        if r.num_experts < 1:
+            raise ConfigError(f"experts (router.num_experts) must be >= 1, got {r.num_experts}")
+    if r.name == "soft":
+        if r.slot_factor is None and r.slots_per_expert < 1:
+            raise ConfigError(f"slots (router.slots_per_expert) must be >= 1, got {r.slots_per_expert}")
+        if r.slot_factor is not None and r.slot_factor <= 0:
+            raise ConfigError(f"router.slot_factor must be > 0, got {r.slot_factor}")
+        for key in ("dispatch", "combine"):
+            if r[key] not in ("soft", "uniform", "identity"):
+                raise ConfigError(f"router.{key}={r[key]!r} is unknown; allowed: soft, uniform, identity")
+    if r.name == "tokens_choice" and not 1 <= r.k <= r.num_experts:
+        raise ConfigError(f"k (router.k) must be in [1, experts={r.num_experts}], got {r.k}")
+    if r.name in ("tokens_choice", "experts_choice"):
+        if r.capacity_factor <= 0:
+            raise ConfigError(f"capacity_factor (router.capacity_factor) must be > 0, got {r.capacity_factor}")
+        if r.group_size < 1:
+            raise ConfigError(f"router.group_size must be >= 1, got {r.group_size}")
+        rounding = r.capacity_rounding
+        if rounding not in ("ceil", "round") and not (isinstance(rounding, int) and rounding >= 1):
+            raise ConfigError(f"router.capacity_rounding={rounding!r}; allowed: ceil, round or an int >= 1")
+    m = cfg.model
+    if cfg.data.image_size % m.patch_size:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is not divisible by model.patch_size={m.patch_size}"
+        )
+    if m.dim % m.heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.heads={m.heads}")
+    if m.pool not in ("gap", "cls"):
+        raise ConfigError(f"model.pool={m.pool!r}; allowed: gap, cls")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision={cfg.precision!r}; allowed: fp32, bf16")
+    if cfg.train.schedule not in ("cosine", "rsqrt", "constant"):
+        raise ConfigError(f"train.schedule={cfg.train.schedule!r}; allowed: cosine, rsqrt, constant")
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    try:
+        moe_blocks(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def moe_blocks(cfg: DictConfig) -> list[int]:
+    if cfg.router.name == "dense":
+        return []
+    moe = cfg.model.moe
+    layers = list(moe.layers) if moe.layers is not None else None
+    return moe_block_indices(cfg.model.depth, moe.placement, moe.n, layers)
+
+
+def build_model(cfg: DictConfig, in_chans: int, num_classes: int) -> ViT:
+    m, r = cfg.model, cfg.router
+    kwargs = {key: value for key, value in OmegaConf.to_container(r, resolve=True).items() if key != "name"}
+    num_tokens = (cfg.data.image_size // m.patch_size) ** 2 + (m.pool == "cls")
+    if r.name == "soft":
+        kwargs["num_tokens"] = num_tokens
+
+    def make_moe(_: int) -> torch.nn.Module:
+        return ROUTERS[r.name](m.dim, m.mlp_dim, **kwargs)
+
+    return ViT(
+        image_size=cfg.data.image_size, patch_size=m.patch_size, in_chans=in_chans, num_classes=num_classes,
+        dim=m.dim, depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, pool=m.pool,
+        moe_blocks=moe_blocks(cfg), make_moe=make_moe,
+    )
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available; use device=auto or device=cpu")
+    return device
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak lr: linear warm-up, then cosine to 0, rsqrt or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "rsqrt":
+        return math.sqrt(max(1, warmup_steps) / (step + 1))
+    return 1.0
+
+
+def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, position embeddings and Soft MoE's scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_path(resume: str) -> Path:
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"resume={resume}: no checkpoint at {path} (give a run dir holding last.pt, or a .pt file)")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, unpickling refused...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch", "config"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a moebench checkpoint (missing model/optimizer/epoch/config)")
+    return ckpt
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(saved: dict, cfg: DictConfig, path: Path) -> None:
+    """A resumed run must be the same experiment: compare the keys that define it."""
+    old, new = flatten(saved), flatten(OmegaConf.to_container(cfg, resolve=True))
+    for key in sorted(old.keys() | new.keys()):
+        if key.startswith(RESUME_KEYS) and old.get(key) != new.get(key):
+            raise CheckpointError(
+                f"checkpoint {path} does not match this run: {key} was {old.get(key)}, now {new.get(key)}; "
+                "resume with the original run's overrides"
+            )
+
+
+# ----------------------------------------------------------------------------- the run
+
+def evaluate(model, loader, device, autocast) -> dict[str, float]:
+    model.eval()
+    total, loss_sum, top1, top5 = 0, 0.0, 0, 0
+    with torch.no_grad(), autocast():
+        for images, labels in loader:
+            logits = model(images).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top1 += (ranked[:, 0] == labels).sum().item()
+            top5 += (ranked == labels[:, None]).any(1).sum().item()
+            total += labels.numel()
+    model.train()
+    out = {"top1": top1 / total, "loss": loss_sum / total}
+    if logits.shape[1] > 5:
+        out["top5"] = top5 / total
+    return out
+
+
+def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> dict:
+    """Everything of one run after validation; fills ``state`` as it goes (for failure records)."""
+    device = select_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(cfg.deterministic)  # set both ways: a sweep reuses the process
+
+    ckpt = None
+    if cfg.resume:
+        ckpt_file = checkpoint_path(cfg.resume)
+        ckpt = load_checkpoint(ckpt_file)
+        check_resume_config(ckpt["config"], cfg, ckpt_file)
+        run_dir = ckpt_file.parent
+        state["run_dir"] = run_dir
+        log.info("resuming %s from epoch %d", run_dir, ckpt["epoch"])
+
+    d = cfg.data
+    data = load_data(
+        d.name, root=d.root, image_size=d.image_size, download=d.download,
+        num_train=d.num_train, num_test=d.num_test, seed=cfg.seed,
+    )
+    model = build_model(cfg, data.in_chans, data.num_classes).to(device)
+    optimizer = make_optimizer(model, cfg)
+    norm = {"mean": data.mean, "std": data.std, "device": device}
+    train_loader = Loader(
+        data.train_images, data.train_labels, d.batch_size, shuffle=True, drop_last=True,
+        augment=OmegaConf.to_container(d.augment), seed=cfg.seed, **norm,
+    )
+    test_loader = Loader(data.test_images, data.test_labels, d.eval_batch_size, shuffle=False, drop_last=False, **norm)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data.batch_size={d.batch_size} exceeds the {len(data.train_labels)} training images")
+    total_steps = cfg.train.epochs * steps_per_epoch
+    warmup_steps = round(cfg.train.warmup_epochs * steps_per_epoch)
+
+    start_epoch, step, best_top1, wandb_id = 0, 0, -1.0, None
+    throughput = cost.Throughput(skip=cfg.cost.skip_train_steps)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {cfg.resume} does not fit this model: {str(err).splitlines()[0]}") from None
+        start_epoch, step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        wandb_id = ckpt.get("wandb_id")
+        throughput.load_state_dict(ckpt.get("throughput", {}))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+
+    params = count_parameters(model)
+    log.info("model: %s router, %d params (%d active per token), MoE blocks %s, %d tokens",
+             cfg.router.name, params["total"], params["active"], moe_blocks(cfg), model.num_tokens)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    recorder = RunRecorder(run_dir, config, wandb_cfg={**recorder_cfg, "id": wandb_id},
+                           resume_step=step if ckpt is not None else None)
+    state["recorder"] = recorder
+    train_model = torch.compile(model) if cfg.compile else model
+    amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    started = time.monotonic()
+    last_eval: dict[str, float] = {}
+    stopped_early = False
+    model.train()
+    with TrainProgress(cfg.train.epochs, steps_per_epoch, start_epoch) as progress:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            train_loader.set_epoch(epoch)
+            for images, labels in train_loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.train.lr * lr_factor(step, warmup_steps, total_steps, cfg.train.schedule)
+                throughput.start()
+                with autocast():
+                    logits = train_model(images)
+                    task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
+                    aux_loss = collect_aux_loss(model).to(task_loss.device)
+                loss = task_loss + aux_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.train.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                throughput.stop(labels.numel())
+                step += 1
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    metrics = {
+                        "epoch": epoch + 1, "train/loss": task_loss.item(), "train/aux_loss": aux_loss.item(),
+                        "train/lr": optimizer.param_groups[0]["lr"], "train/images_per_s": throughput.images_per_s,
+                        **{f"routing/{key}": value for key, value in collect_metrics(model).items()},
+                    }
+                    recorder.log(metrics, step=step)
+                progress.advance(loss=task_loss.item(), lr=optimizer.param_groups[0]["lr"],
+                                 images_per_s=throughput.images_per_s)
+
+            last_eval = evaluate(model, test_loader, device, autocast)
+            best_top1 = max(best_top1, last_eval["top1"])
+            recorder.log({"epoch": epoch + 1, **{f"test/{k}": v for k, v in last_eval.items()},
+                          "test/top1_best": best_top1}, step=step)
+            progress.end_epoch(epoch + 1, last_eval["top1"])
+            log.info("epoch %d/%d: test top1 %.4f, loss %.4f", epoch + 1, cfg.train.epochs,
+                     last_eval["top1"], last_eval["loss"])
+            if cfg.train.save_checkpoints:
+                ckpt_state = {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                    "step": step, "best_top1": best_top1, "config": config, "wandb_id": recorder.wandb_run_id,
+                    "throughput": throughput.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                }
+                if device.type == "cuda":
+                    ckpt_state["rng"]["cuda"] = torch.cuda.get_rng_state()
+                atomic_torch_save(ckpt_state, run_dir / "last.pt")
+                if last_eval["top1"] >= best_top1:
+                    atomic_torch_save(ckpt_state, run_dir / "best.pt")
+            limit = cfg.train.time_limit_min
+            if limit is not None and epoch + 1 < cfg.train.epochs and time.monotonic() - started >= 60 * limit:
+                log.warning("train.time_limit_min=%s reached after epoch %d: stopping; resume=%s continues",
+                            limit, epoch + 1, run_dir)
+                stopped_early = True
+                break
+
+    n = cfg.cost.batch_size
+    example = next(iter(Loader(data.test_images[:n], data.test_labels[:n], n, shuffle=False, drop_last=False, **norm)))[0]
+    measured = {
+        "params_total": params["total"],
+        "params_active": params["active"],
+        "gflops_per_image": cost.flops_per_image(model, example) / 1e9,
+        "train_images_per_s": throughput.images_per_s,
+        **cost.measure_inference(model, example, warmup=cfg.cost.warmup, repeats=cfg.cost.repeats),
+        "peak_memory_mb": cost.peak_memory_mb(device),
+    }
+    quality = {"top1": last_eval.get("top1"), "top1_best": best_top1, "loss": last_eval.get("loss")}
+    if "top5" in last_eval:
+        quality["top5"] = last_eval["top5"]
+    return {
+        "config": config,
+        "cost": measured,
+        "quality": quality,
+        "status": "interrupted" if stopped_early else "completed",
+        "epochs_completed": epoch + 1,
+        "train_time_s": time.monotonic() - started,
+        "device": str(device),
+        "run_dir": str(run_dir),
+    }
+
+
+def wandb_settings(cfg: DictConfig) -> dict:
+    """W&B run identity: group = sweep name under -m, name = the overrides."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = cfg.wandb.group or (Path(hc.sweep.dir).name if multirun else None)
+    name = cfg.wandb.name or hc.job.override_dirname or "default"
+    tags = [cfg.router.name, cfg.data.name, *cfg.wandb.tags]
+    return {"mode": cfg.wandb.mode, "project": cfg.wandb.project, "entity": cfg.wandb.entity,
+            "group": group, "name": name, "tags": tags, "job_type": "train"}
+
+
+def run_job(cfg: DictConfig) -> dict:
+    """One Hydra job. User errors end it with one line and status "failed";
+    under -m the sweep goes on with the next job."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    state: dict = {"run_dir": run_dir}
+    status, error, result = "failed", None, None
+    try:
+        validate(cfg)
+        result = train_and_measure(cfg, run_dir, wandb_settings(cfg), state)
+        status = result["status"]
+        return result
+    except (UserError, DataError) as err:
+        error = str(err)
+        log.error("%s", error)
+        FAILED_JOBS.append(str(state["run_dir"]))
+        if not multirun:
+            raise SystemExit(2) from None
+        return {"status": "failed", "error": error}
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt"
+        raise
+    except Exception as err:  # a bug: keep the traceback in the log, but let a sweep go on
+        error = f"{type(err).__name__}: {err}"
+        FAILED_JOBS.append(str(state["run_dir"]))
+        if not multirun:
+            raise
+        log.exception("job failed: %s", error)
+        return {"status": "failed", "error": error}
+    finally:
+        recorder = state.get("recorder")
+        if result is None:  # failed or interrupted: still leave a record
+            result = {"config": resolved_or_raw(cfg), "status": status, "error": error}
+            if recorder is None:
+                recorder = RunRecorder(state["run_dir"], result["config"], wandb_cfg=None)
+        recorder.write_result(result)
+        recorder.finish(exit_code=0 if status == "completed" else 1)
+        if status in ("completed", "interrupted") and result.get("cost"):
+            print_summary(result)
+
+
+def resolved_or_raw(cfg: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # a broken interpolation is itself the reason the job failed
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def dirname_label(override_dirname: str, limit: int = 120) -> str:
+    """A sweep job's dir label: its overrides, shortened with a hash past ``limit``
+    characters (file names stop at 255)."""
+    if len(override_dirname) <= limit:
+        return override_dirname or "default"
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    return f"{override_dirname[:limit].rsplit(',', 1)[0]},...{digest}"
+
+
+OmegaConf.register_new_resolver("moebench_label", dirname_label, replace=True)
+
+
+def conf_dir() -> str:
+    """conf/ ships inside the installed package as moebench/conf; in a source
+    checkout (editable install) it is the repository's top-level conf/."""
+    installed = Path(__file__).resolve().parent / "conf"
+    return str(installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    run_job(cfg)
+
+
+def main(args: list[str]) -> int:
+    """Run the Hydra app with ``args`` as its command line; returns the exit code."""
+    FAILED_JOBS.clear()
+    sys.argv = ["moebench train", *args]
+    try:
+        _hydra_main()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 1 if FAILED_JOBS else 0

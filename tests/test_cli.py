@@ -1,0 +1,213 @@
+"""`moebench train` end to end, in a subprocess, on tiny configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# A model and data small enough for a few seconds per run on 2 CPU cores.
+TINY = ["experiment=smoke"]  # conf/experiment/smoke.yaml: a whole run in seconds
+SPARSE = {"tokens_choice": ["router.group_size=2"], "experts_choice": ["router.group_size=2"]}
+ENV = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+
+
+def moebench(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "moebench", *args], capture_output=True, text=True, cwd=cwd,
+        env=env or ENV, timeout=300,
+    )
+
+
+def train(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[subprocess.CompletedProcess, Path]:
+    run_dir = tmp_path / name
+    proc = moebench("train", *TINY, *overrides, f"hydra.run.dir={run_dir}")
+    return proc, run_dir
+
+
+def result(run_dir: Path) -> dict:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("router", ["soft", "tokens_choice", "experts_choice", "dense"])
+def test_each_router_trains_and_records_cost_and_quality(tmp_path, router):
+    proc, run_dir = train(tmp_path, f"router={router}", *SPARSE.get(router, []))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = result(run_dir)
+    assert res["status"] == "completed"
+    assert res["config"]["router"]["name"] == router
+    cost = res["cost"]
+    for key in ("params_total", "params_active", "gflops_per_image", "train_images_per_s",
+                "infer_images_per_s", "infer_ms_per_image", "peak_memory_mb"):
+        assert cost[key] > 0, key
+    assert cost["params_active"] <= cost["params_total"]
+    if router in ("tokens_choice", "experts_choice"):
+        assert cost["params_active"] < cost["params_total"]  # a token sees 1 of 4 experts
+    assert 0.0 <= res["quality"]["top1"] <= 1.0 and "top5" in res["quality"]
+    lines = metric_lines(run_dir)
+    assert any("test/top1" in line for line in lines)
+    routing = {key for line in lines for key in line if key.startswith("routing/")}
+    expected = {"soft": "combine_entropy", "tokens_choice": "dropped", "experts_choice": "tokens_0_experts"}
+    if router == "dense":
+        assert not routing
+    else:
+        assert any(key.endswith(expected[router]) for key in routing), routing
+    assert (run_dir / "last.pt").is_file() and (run_dir / "best.pt").is_file()
+    assert (run_dir / "train.log").is_file()
+
+
+def test_gflops_per_image_is_the_analytic_count(tmp_path):
+    """Soft MoE ViT of 2 blocks (the second is MoE): 4 tokens of width 16, 4 experts x 1 slot."""
+    proc, run_dir = train(tmp_path, "router=soft")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    t, d, h, s, classes, patch_pixels = 4, 16, 32, 4, 10, 3 * 4 * 4
+    attention = 2 * t * d * 3 * d + 2 * t * d * d + 4 * t * t * d  # qkv, proj, scores and mix
+    expected = (
+        2 * t * d * patch_pixels  # patch embedding (a strided conv)
+        + 2 * attention
+        + 4 * t * d * h  # block 0: dense MLP
+        + 6 * t * s * d + 4 * s * d * h  # block 1: Soft MoE routing + experts
+        + 2 * d * classes  # head
+    )
+    assert result(run_dir)["cost"]["gflops_per_image"] * 1e9 == pytest.approx(expected, rel=1e-9)
+
+
+def test_multirun_sweep_runs_every_job_in_readable_dirs(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = moebench("train", "-m", *TINY, "router=soft,dense", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if (p / "result.json").exists())
+    assert jobs == ["0_experiment=smoke,router=soft", "1_experiment=smoke,router=dense"]
+    assert {result(sweep / j)["status"] for j in jobs} == {"completed"}
+
+
+def test_one_failed_job_does_not_stop_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = moebench("train", "-m", *TINY, "router=tokens_choice", "router.group_size=2", "k=1,9",
+                    f"hydra.sweep.dir={sweep}")
+    assert proc.returncode != 0  # the sweep reports the failure...
+    failed, done = sweep / "1_experiment=smoke,k=9,router.group_size=2,router=tokens_choice", sweep / "0_experiment=smoke,k=1,router.group_size=2,router=tokens_choice"
+    assert result(failed)["status"] == "failed"  # ...records it...
+    assert "k (router.k)" in result(failed)["error"]
+    assert result(done)["status"] == "completed"  # ...and the other job ran
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cfg_job_shows_shortcuts_reaching_the_router(tmp_path):
+    proc = moebench("train", "router=tokens_choice", "experts=128", "k=2", "capacity_factor=1.25", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "num_experts: 128" in proc.stdout and "k: 2" in proc.stdout and "capacity_factor: 1.25" in proc.stdout
+
+
+def test_help_and_unknown_command():
+    assert moebench("--help").returncode == 0
+    proc = moebench("frobnicate")
+    assert proc.returncode == 2 and "unknown command 'frobnicate'" in proc.stderr
+
+
+BAD_INPUTS = [
+    (["router=nope"], "router"),
+    (["model=nope"], "model"),
+    (["data=nope"], "data"),
+    (["experts=0"], "experts"),
+    (["slots=0"], "slots"),
+    (["router=tokens_choice", "k=0"], "k (router.k)"),
+    (["router=tokens_choice", "k=5"], "k (router.k)"),
+    (["router=tokens_choice", "capacity_factor=0"], "capacity_factor"),
+    (["router=experts_choice", "capacity_factor=-1"], "capacity_factor"),
+    (["data.image_size=10"], "patch_size"),
+    (["model.moe.placement=list", "model.moe.layers=[7]"], "model.moe.layers"),
+    (["trian.epochs=3"], "trian"),
+    (["data=imagefolder", "data.root=/nonexistent/moebench"], "/nonexistent/moebench"),
+    (["resume=/nonexistent/run"], "/nonexistent/run"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_line_without_traceback(tmp_path, overrides, needle):
+    proc, _ = train(tmp_path, *overrides)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert needle in out, out[-2000:]
+    assert "Traceback" not in out, out[-2000:]
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    proc, _ = train(tmp_path, f"resume={bad}", name="a")
+    assert proc.returncode != 0 and "cannot read checkpoint" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    proc, run_dir = train(tmp_path, name="b")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = (run_dir / "last.pt").read_bytes()
+    proc, _ = train(tmp_path, "experts=8", f"resume={run_dir}", name="c")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "does not match" in out and "router.num_experts" in out
+    assert "Traceback" not in out
+    assert (run_dir / "last.pt").read_bytes() == before  # nothing lost
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
+    common = ["router=tokens_choice", "router.group_size=2", "train.epochs=3", "deterministic=true", "data.num_train=96"]
+    proc, straight = train(tmp_path, *common, name="straight")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    proc, cut = train(tmp_path, *common, "train.time_limit_min=0", name="cut")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result(cut)["status"] == "interrupted" and result(cut)["epochs_completed"] == 1
+    proc, _ = train(tmp_path, *common, f"resume={cut}", name="resumed")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result(cut)["status"] == "completed"
+
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 3
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    evals = lambda d: [{k: v for k, v in line.items() if k.startswith("test/")} for line in metric_lines(d)
+                       if "test/top1" in line]
+    assert evals(straight) == evals(cut)
+    steps = [line["step"] for line in metric_lines(cut)]
+    assert steps == [line["step"] for line in metric_lines(straight)]  # no duplicated lines after resume
+    assert result(straight)["quality"] == result(cut)["quality"]
+
+
+def test_wandb_offline_run_files(tmp_path):
+    env = {**ENV, "WANDB_DIR": str(tmp_path / "wandb-global")}
+    run_dir = tmp_path / "run"
+    proc = moebench("train", *TINY, "wandb.mode=offline", f"hydra.run.dir={run_dir}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_non_editable_install_works_from_any_directory(tmp_path):
+    """Build and install the project like a user (`pip install .`), then run it away from the repo."""
+    site = tmp_path / "site"
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(REPO)], capture_output=True, text=True, timeout=300,
+    )
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    assert (site / "moebench" / "conf" / "train.yaml").is_file()
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**ENV, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import moebench; print(moebench.__file__)"],
+                           capture_output=True, text=True, cwd=work, env=env)
+    assert where.stdout.strip().startswith(str(site))
+    proc = moebench("train", *TINY, "hydra.run.dir=out", cwd=work, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert result(work / "out")["status"] == "completed"

@@ -1,0 +1,93 @@
+"""Config composition and the pieces of the train app that need no training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from moebench.errors import ConfigError
+from moebench.moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
+from moebench.train import build_model, conf_dir, dirname_label, lr_factor, validate
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_defaults_are_the_main_job_on_digits():
+    cfg = compose_cfg()
+    assert (cfg.router.name, cfg.model.name, cfg.data.name, cfg.wandb.mode) == ("soft", "tiny", "digits", "offline")
+    validate(cfg)
+
+
+@pytest.mark.parametrize("router,cls", [("soft", SoftMoE), ("tokens_choice", TokensChoiceMoE),
+                                        ("experts_choice", ExpertsChoiceMoE), ("dense", DenseMLP)])
+def test_shortcuts_reach_the_router_and_the_model_places_moe_in_the_second_half(router, cls):
+    cfg = compose_cfg(f"router={router}", "experts=6", "slots=2", "k=2", "capacity_factor=1.5")
+    validate(cfg)
+    model = build_model(cfg, in_chans=1, num_classes=10)
+    mlps = [block.mlp for block in model.blocks]
+    assert [type(m) for m in mlps] == [DenseMLP, DenseMLP, cls, cls]
+    layer = mlps[-1]
+    if router == "soft":
+        assert (layer.num_experts, layer.slots_per_expert) == (6, 2)
+    if router == "tokens_choice":
+        assert (layer.num_experts, layer.k, layer.capacity_factor, layer.bpr) == (6, 2, 1.5, True)
+    if router == "experts_choice":
+        assert (layer.num_experts, layer.capacity_factor, layer.capacity_rounding) == (6, 1.5, "round")
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("preset,dim,depth", [("ti", 192, 12), ("s", 384, 12), ("b", 768, 12)])
+def test_model_presets(preset, dim, depth):
+    cfg = compose_cfg(f"model={preset}", "data.image_size=32", "experts=2")
+    validate(cfg)
+    assert (cfg.model.dim, cfg.model.depth) == (dim, depth)
+    model = build_model(cfg, in_chans=3, num_classes=10)
+    assert sum(isinstance(b.mlp, SoftMoE) for b in model.blocks) == 6
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.moe.placement=every", "model.moe.n=2"],
+    ["model.moe.placement=list", "model.moe.layers=[0,3]"],
+])
+def test_moe_placement_options(overrides):
+    cfg = compose_cfg(*overrides)
+    model = build_model(cfg, in_chans=1, num_classes=10)
+    moe = [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, SoftMoE)]
+    assert moe == ([1, 3] if "every" in overrides[0] else [0, 3])
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["experts=0"], "experts (router.num_experts) must be >= 1"),
+    (["router=tokens_choice", "k=3", "experts=2"], "k (router.k) must be in [1, experts=2]"),
+    (["router=experts_choice", "capacity_factor=0"], "capacity_factor (router.capacity_factor) must be > 0"),
+    (["router=tokens_choice", "router.capacity_rounding=floor"], "router.capacity_rounding"),
+    (["router.dispatch=hard"], "router.dispatch='hard'"),
+    (["model.heads=5"], "model.heads=5"),
+    (["model.moe.placement=last", "model.moe.n=9"], "model.moe.n must be in [0, depth=4]"),
+    (["train.schedule=linear"], "train.schedule"),
+])
+def test_validate_names_the_key_and_what_is_allowed(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(*overrides))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = lambda step, schedule: lr_factor(step, warmup_steps=10, total_steps=110, schedule=schedule)
+    assert [f(s, "cosine") for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert f(10, "cosine") == 1.0 and f(60, "cosine") == pytest.approx(0.5) and f(110, "cosine") == pytest.approx(0)
+    assert f(39, "rsqrt") == pytest.approx(math.sqrt(10 / 40))
+    assert f(100, "constant") == 1.0
+
+
+def test_sweep_dir_labels_stay_short_and_distinct():
+    assert dirname_label("experts=8,router=soft") == "experts=8,router=soft"
+    long_a, long_b = ",".join(f"key{i}=value" for i in range(40)), ",".join(f"key{i}=other" for i in range(40))
+    a, b = dirname_label(long_a), dirname_label(long_b)
+    assert len(a) < 140 and a != b and a.startswith("key0=value,")
