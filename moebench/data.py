@@ -1,0 +1,267 @@
+"""Datasets decoded once into memory as uint8 tensors, and a batch loader over them.
+
+Small image datasets fit in memory, so an epoch is bound by the model, never by
+JPEG decoding. ``load_data`` returns an ``ImageData``; ``Loader`` shuffles,
+augments and normalises whole batches with a generator seeded by
+(seed, epoch), so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(Exception):
+    """A dataset that is missing or malformed; the message says where and what to do."""
+
+
+@dataclass
+class ImageData:
+    train_images: torch.Tensor  # uint8 (N, C, H, W)
+    train_labels: torch.Tensor  # int64 (N,)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...]  # per channel, in [0, 1] units, from the training split
+    std: tuple[float, ...]
+    name: str
+
+    @property
+    def in_chans(self) -> int:
+        return self.train_images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[-1]
+
+
+def load_data(
+    name: str,
+    *,
+    root: str | None = None,
+    image_size: int | None = None,
+    download: bool = False,
+    num_train: int | None = None,
+    num_test: int | None = None,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> ImageData:
+    """Load dataset ``name`` (one of ``NAMES``) into memory; see the README's data table."""
+    if name == "digits":
+        splits, classes = _digits(seed)
+    elif name in ("cifar10", "cifar100"):
+        splits, classes = _cifar(name, root, download)
+    elif name == "imagefolder":
+        splits, classes = _imagefolder(root, image_size, cache_dir)
+    elif name == "synthetic":
+        splits, classes = _synthetic(num_train or 512, num_test or 128, image_size or 32, seed)
+    else:
+        raise DataError(f"data.name={name!r} is unknown; allowed: {', '.join(NAMES)}")
+    (xtr, ytr), (xte, yte) = splits
+    if image_size is not None and xtr.shape[-1] != image_size:
+        xtr, xte = _resize(xtr, image_size), _resize(xte, image_size)
+    xtr, ytr = _subset(xtr, ytr, num_train, seed)
+    xte, yte = _subset(xte, yte, num_test, seed + 1)
+    pixels = xtr.float().div_(255)
+    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return ImageData(xtr, ytr, xte, yte, len(classes), classes, mean, std, name)
+
+
+def _digits(seed: int):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(np.round(digits.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=digits.target, random_state=seed
+    )
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return ((images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx])), [str(i) for i in range(10)]
+
+
+def _cifar(name: str, root: str | None, download: bool):
+    from torchvision import datasets
+
+    root = Path(root or "data").expanduser()
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        train, test = (cls(str(root), train=split, download=download) for split in (True, False))
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted..."
+        raise DataError(
+            f"{name} not found in {root.resolve()} ({err}); set data.download=true when online, "
+            f"or point data.root at a copy, or use data=imagefolder data.root=DIR"
+        ) from None
+
+    def to_tensors(ds):
+        images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        return images, torch.tensor(ds.targets, dtype=torch.int64)
+
+    return (to_tensors(train), to_tensors(test)), list(train.classes)
+
+
+def _synthetic(num_train: int, num_test: int, size: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda n: (torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+                      torch.randint(0, 10, (n,), generator=g))
+    return (make(num_train), make(num_test)), [f"class{i}" for i in range(10)]
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+
+def _imagefolder(root: str | None, image_size: int | None, cache_dir: str | None):
+    layout = "expected ROOT/train/<class>/<image> and ROOT/test/<class>/<image> (or val/)"
+    if not root:
+        raise DataError(f"data=imagefolder needs data.root=DIR; {layout}")
+    root_path = Path(root).expanduser().resolve()
+    if not root_path.is_dir():
+        raise DataError(f"data.root={root}: no such directory ({root_path}); {layout}")
+    train_dir = root_path / "train"
+    test_dir = next((root_path / n for n in ("test", "val") if (root_path / n).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"data.root={root_path} lacks train/ and test/ (or val/); {layout}")
+    train_files, classes = _scan(train_dir, layout)
+    test_files, test_classes = _scan(test_dir, layout)
+    if test_classes != classes:
+        raise DataError(f"class dirs differ between {train_dir} ({len(classes)}) and {test_dir} ({len(test_classes)})")
+
+    stat = hashlib.sha1(f"{root_path}|{image_size}".encode())
+    for path, _ in train_files + test_files:
+        info = path.stat()
+        stat.update(f"{path}|{info.st_size}|{info.st_mtime_ns}".encode())
+    cache = Path(cache_dir or os.environ.get("MOEBENCH_CACHE", "~/.cache/moebench")).expanduser()
+    cache_file = cache / f"imagefolder-{stat.hexdigest()[:16]}.pt"
+    if cache_file.is_file():
+        try:
+            saved = torch.load(cache_file, weights_only=True)
+            return ((saved["xtr"], saved["ytr"]), (saved["xte"], saved["yte"])), list(saved["classes"])
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    xtr, ytr = _decode(train_files, image_size)
+    xte, yte = _decode(test_files, image_size)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte, "classes": classes}, tmp)
+    os.replace(tmp, cache_file)
+    return ((xtr, ytr), (xte, yte)), classes
+
+
+def _scan(split_dir: Path, layout: str) -> tuple[list[tuple[Path, int]], list[str]]:
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{split_dir} has no class directories; {layout}")
+    files = []
+    for label, cls in enumerate(classes):
+        images = sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"{split_dir / cls} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); {layout}")
+        files += [(p, label) for p in images]
+    return files, classes
+
+
+def _decode(files: list[tuple[Path, int]], image_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    def read(path: Path) -> np.ndarray:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if image_size is not None and img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(img)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        arrays = list(pool.map(read, [p for p, _ in files], chunksize=256))
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        raise DataError(f"images differ in size ({sorted(sizes)[:3]}...); set data.image_size to resize them")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor([label for _, label in files], dtype=torch.int64)
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _subset(images: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int):
+    if n is None or n >= len(labels):
+        return images, labels
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx], labels[idx]
+
+
+# ----------------------------------------------------------------------------- batches
+
+class Loader:
+    """Batches of an in-memory split: ``(float32 normalised images, int64 labels)`` on ``device``.
+
+    The shuffle order and augmentation draws of an epoch depend only on
+    (seed, epoch) (call ``set_epoch``). With ``world_size > 1`` each rank gets
+    an equal, disjoint shard of every epoch's permutation.
+    ``augment``: ``{"crop_padding": P, "hflip": bool}``; the crop pads with the
+    zero pixel (black) before normalisation and shifts each image independently.
+    """
+
+    def __init__(self, images, labels, batch_size, *, shuffle, drop_last, mean, std, augment=None,
+                 seed=0, device="cpu", rank=0, world_size=1):
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.augment = augment or {}
+        self.seed, self.device, self.rank, self.world_size = seed, device, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self, generator: torch.Generator) -> torch.Tensor:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        per_rank = n // self.world_size if self.world_size > 1 else n
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        n = len(self.labels) // self.world_size if self.world_size > 1 else len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        indices = self._indices(generator)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            idx = indices[start:start + self.batch_size]
+            images = self.images[idx]
+            if self.augment:
+                images = self._augment(images, generator)
+            x = images.to(self.device, non_blocking=True).float().div_(255)
+            yield (x - self.mean) / self.std, self.labels[idx].to(self.device, non_blocking=True)
+
+    def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        pad = int(self.augment.get("crop_padding") or 0)
+        if pad:
+            padded = F.pad(images, (pad, pad, pad, pad))
+            dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+            dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+            rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, images.shape[1], h, w + 2 * pad)
+            images = padded.gather(2, rows)
+            cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, images.shape[1], h, w)
+            images = images.gather(3, cols)
+        if self.augment.get("hflip"):
+            flip = torch.rand(n, generator=generator) < 0.5
+            images = torch.where(flip.view(n, 1, 1, 1), images.flip(-1), images)
+        return images

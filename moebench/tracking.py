@@ -1,0 +1,125 @@
+"""Run records: ``metrics.jsonl`` and ``result.json`` on disk, mirrored to W&B.
+
+The files are written whatever the W&B mode, so sweeps can be aggregated,
+resumed and audited without W&B. Writes that replace a file are atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same dir, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    data = (json.dumps(obj, indent=2, default=_json_default) + "\n").encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _scalar(value):
+    value = value.item() if isinstance(value, torch.Tensor) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class RunRecorder:
+    """Appends metric lines, writes the result, and mirrors both to a W&B run.
+
+    ``wandb_cfg``: ``mode`` (offline, online, disabled), ``project``, ``entity``,
+    ``group``, ``name``, ``tags``, ``job_type``, ``id`` (resume that W&B run);
+    None means no W&B. ``resume_step``: a resumed run drops the metric lines
+    logged after its checkpoint's step, so the file has each step once.
+    """
+
+    def __init__(self, run_dir: Path, config: dict, *, wandb_cfg: dict | None = None, resume_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None and self.metrics_path.exists():
+            kept = [line for line in read_metrics(self.metrics_path) if line.get("step", 0) <= resume_step]
+            data = "".join(json.dumps(line) + "\n" for line in kept).encode()
+            _atomic_write(self.metrics_path, lambda f: f.write(data))
+        self._file = open(self.metrics_path, "a")
+        self.wandb_run = None
+        if wandb_cfg and wandb_cfg.get("mode", "disabled") != "disabled":
+            self.wandb_run = self._init_wandb(config, wandb_cfg)
+
+    def _init_wandb(self, config: dict, cfg: dict):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        return wandb.init(
+            project=cfg.get("project"), entity=cfg.get("entity"), group=cfg.get("group"), name=cfg.get("name"),
+            tags=list(cfg.get("tags") or []), job_type=cfg.get("job_type", "train"), config=config,
+            dir=str(self.run_dir), mode=cfg["mode"], id=cfg.get("id"), resume="allow" if cfg.get("id") else None,
+            reinit="finish_previous",  # one W&B run per Hydra job, also under -m
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True),
+        )
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def log(self, metrics: dict, step: int) -> None:
+        clean = {key: _scalar(value) for key, value in metrics.items()}
+        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(clean, step=step)
+
+    def write_result(self, result: dict) -> None:
+        atomic_write_json(self.run_dir / "result.json", result)
+        if self.wandb_run is not None:
+            summary = {"status": result.get("status")}
+            for section in ("cost", "quality"):
+                for key, value in (result.get(section) or {}).items():
+                    summary[f"{section}/{key}"] = _scalar(value)
+            self.wandb_run.summary.update(summary)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
+
+    def __enter__(self) -> "RunRecorder":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
