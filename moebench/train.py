@@ -380,7 +380,7 @@ def run_job(cfg: DictConfig) -> dict:
         return result
     except (UserError, DataError) as err:
         error = str(err)
-        log.error("%s", error)
+        print(f"moebench: error: {error}", file=sys.stderr, flush=True)  # one plain line, never wrapped
         FAILED_JOBS.append(str(state["run_dir"]))
         if not multirun:
             raise SystemExit(2) from None

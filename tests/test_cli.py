@@ -104,7 +104,7 @@ def test_one_failed_job_does_not_stop_the_sweep(tmp_path):
 
 
 def test_cfg_job_shows_shortcuts_reaching_the_router(tmp_path):
-    proc = moebench("train", "router=tokens_choice", "experts=128", "k=2", "capacity_factor=1.25", "--cfg", "job")
+    proc = moebench("train", "router=tokens_choice", "experts=128", "k=2", "capacity_factor=1.25", "--cfg", "job", "--resolve")
     assert proc.returncode == 0, proc.stderr
     assert "num_experts: 128" in proc.stdout and "k: 2" in proc.stdout and "capacity_factor: 1.25" in proc.stdout
 
