@@ -1,0 +1,105 @@
+"""Datasets in memory and the batch loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moebench import data as data_mod
+from moebench.data import DataError, Loader, load_data
+
+
+def test_digits_is_real_bundled_data_with_a_fixed_split():
+    d = load_data("digits")
+    assert d.train_images.shape == (1437, 1, 8, 8) and d.test_images.shape == (360, 1, 8, 8)
+    assert d.train_images.dtype == torch.uint8 and d.train_images.max() == 255
+    assert d.num_classes == 10 and torch.bincount(d.test_labels).min() >= 35  # stratified
+    again = load_data("digits")
+    assert torch.equal(d.test_images, again.test_images) and torch.equal(d.train_labels, again.train_labels)
+    assert load_data("digits", image_size=16).train_images.shape[-1] == 16
+
+
+def make_tree(root, splits=("train", "test"), classes=("cat", "dog"), per_class=3, size=8):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("test_split", ["test", "val"])
+def test_imagefolder_loads_and_caches(tmp_path, test_split, monkeypatch):
+    root = make_tree(tmp_path / "tree", splits=("train", test_split))
+    cache = tmp_path / "cache"
+    d = load_data("imagefolder", root=str(root), cache_dir=str(cache))
+    assert d.train_images.shape == (6, 3, 8, 8) and d.class_names == ["cat", "dog"]
+    assert torch.equal(d.train_labels, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert len(list(cache.glob("*.pt"))) == 1
+    monkeypatch.setattr(data_mod, "_decode", lambda *a: pytest.fail("decoded again despite the cache"))
+    again = load_data("imagefolder", root=str(root), cache_dir=str(cache))
+    assert torch.equal(again.train_images, d.train_images)
+
+
+@pytest.mark.parametrize("breakage,needle", [
+    (lambda r: None, "no such directory"),
+    (lambda r: make_tree(r, splits=("train",)), "lacks train/ and test/"),
+    (lambda r: (make_tree(r), (r / "test" / "dog" / "0.png").unlink(), (r / "test" / "dog" / "1.png").unlink(),
+                (r / "test" / "dog" / "2.png").unlink()), "holds no images"),
+    (lambda r: (make_tree(r), make_tree(r, splits=("test",), classes=("bird",))), "class dirs differ"),
+])
+def test_imagefolder_bad_layouts_name_the_path(tmp_path, breakage, needle):
+    root = tmp_path / "tree"
+    breakage(root)
+    with pytest.raises(DataError, match=needle) as err:
+        load_data("imagefolder", root=str(root), cache_dir=str(tmp_path / "cache"))
+    assert str(root) in str(err.value)
+
+
+def test_missing_cifar_and_unknown_names_explain_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="data.download=true") as err:
+        load_data("cifar10", root=str(tmp_path))
+    assert str(tmp_path) in str(err.value)
+    with pytest.raises(DataError, match="allowed: digits, cifar10, cifar100, imagefolder, synthetic"):
+        load_data("mnist")
+
+
+def loader(n=10, batch=4, **kw):
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    return Loader(images, torch.arange(n), batch, mean=(0.0,), std=(1.0 / 255,), **{"shuffle": True,
+                  "drop_last": False, **kw})
+
+
+def labels_of(ld):
+    return [y.tolist() for _, y in ld]
+
+
+def test_loader_covers_each_epoch_reproducibly():
+    ld = loader()
+    ld.set_epoch(0)
+    first = labels_of(ld)
+    assert sorted(sum(first, [])) == list(range(10)) and [len(b) for b in first] == [4, 4, 2]
+    assert labels_of(ld) == first  # same (seed, epoch): same order
+    ld.set_epoch(1)
+    assert labels_of(ld) != first
+    assert len(loader(drop_last=True)) == 2 and [len(b) for b in labels_of(loader(drop_last=True))] == [4, 4]
+
+
+def test_loader_normalises_and_shards_by_rank():
+    x, y = next(iter(loader(shuffle=False)))
+    torch.testing.assert_close(x[:, 0, 0, 0], y.float())  # mean 0, std 1/255: back to the raw value
+    shards = [sum(labels_of(loader(rank=r, world_size=2)), []) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5 and not set(shards[0]) & set(shards[1])
+
+
+def test_augmentation_is_deterministic_and_changes_images():
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    make = lambda: Loader(images, torch.zeros(16, dtype=torch.long), 16, shuffle=False, drop_last=False,
+                          mean=(0, 0, 0), std=(1, 1, 1), augment={"crop_padding": 2, "hflip": True}, seed=3)
+    a, b = next(iter(make()))[0], next(iter(make()))[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, images.float() / 255)
