@@ -271,7 +271,7 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
 
     started = time.monotonic()
     last_eval: dict[str, float] = {}
-    stopped_early = False
+    epochs_done, stopped_early = start_epoch, False
     model.train()
     with TrainProgress(cfg.train.epochs, steps_per_epoch, start_epoch) as progress:
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -308,7 +308,8 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
             best_top1 = max(best_top1, last_eval["top1"])
             recorder.log({"epoch": epoch + 1, **{f"test/{k}": v for k, v in last_eval.items()},
                           "test/top1_best": best_top1}, step=step)
-            progress.end_epoch(epoch + 1, last_eval["top1"])
+            epochs_done = epoch + 1
+            progress.end_epoch(epochs_done, last_eval["top1"])
             log.info("epoch %d/%d: test top1 %.4f, loss %.4f", epoch + 1, cfg.train.epochs,
                      last_eval["top1"], last_eval["loss"])
             if cfg.train.save_checkpoints:
@@ -329,6 +330,8 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
                 stopped_early = True
                 break
 
+    if not last_eval:  # resumed a run that had already finished: measure it as it is
+        last_eval = evaluate(model, test_loader, device, autocast)
     n = cfg.cost.batch_size
     example = next(iter(Loader(data.test_images[:n], data.test_labels[:n], n, shuffle=False, drop_last=False, **norm)))[0]
     measured = {
@@ -347,7 +350,7 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
         "cost": measured,
         "quality": quality,
         "status": "interrupted" if stopped_early else "completed",
-        "epochs_completed": epoch + 1,
+        "epochs_completed": epochs_done,
         "train_time_s": time.monotonic() - started,
         "device": str(device),
         "run_dir": str(run_dir),

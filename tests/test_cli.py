@@ -183,6 +183,11 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
     assert steps == [line["step"] for line in metric_lines(straight)]  # no duplicated lines after resume
     assert result(straight)["quality"] == result(cut)["quality"]
 
+    proc, _ = train(tmp_path, *common, f"resume={cut}", name="again")  # resuming a finished run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result(cut)["status"] == "completed" and result(cut)["epochs_completed"] == 3
+    assert result(cut)["quality"] == result(straight)["quality"]
+
 
 def test_wandb_offline_run_files(tmp_path):
     env = {**ENV, "WANDB_DIR": str(tmp_path / "wandb-global")}
