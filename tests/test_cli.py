@@ -216,3 +216,18 @@ def test_non_editable_install_works_from_any_directory(tmp_path):
     proc = moebench("train", *TINY, "hydra.run.dir=out", cwd=work, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert result(work / "out")["status"] == "completed"
+
+
+def test_bf16_autocast_trains_with_finite_losses(tmp_path):
+    proc, run_dir = train(tmp_path, "router=tokens_choice", "router.group_size=2", "precision=bf16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [line["train/loss"] for line in metric_lines(run_dir) if "train/loss" in line]
+    assert losses and all(0 < loss < 10 for loss in losses)
+
+
+@pytest.mark.slow
+def test_torch_compile_keeps_the_aux_losses(tmp_path):
+    proc, run_dir = train(tmp_path, "router=tokens_choice", "router.group_size=2", "compile=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    aux = [line["train/aux_loss"] for line in metric_lines(run_dir) if "train/aux_loss" in line]
+    assert aux and all(a > 0 for a in aux)
