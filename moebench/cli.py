@@ -11,6 +11,7 @@ USAGE = """usage: moebench <command> [arguments]
 commands:
   train    train, evaluate and measure a model (a Hydra app: key=value overrides,
            -m/--multirun sweeps, --cfg job, --help, experiment=NAME)
+  pareto   cost/quality Pareto frontier of sweep or run dirs (pareto.csv/.json/.png)
   bench    time each router's forward+backward as a ratio to the dense MLP
 
 Examples:
@@ -18,7 +19,7 @@ Examples:
   moebench train -m router=soft,tokens_choice,experts_choice,dense experts=8,32
 """
 
-COMMANDS = ("train", "bench")
+COMMANDS = ("train", "pareto", "bench")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
             from .train import main as train_main
 
             return train_main(args)
+        if command == "pareto":
+            from .pareto import main as pareto_main
+
+            return pareto_main(args)
         if command == "bench":
             from .bench import main as bench_main
 
