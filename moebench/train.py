@@ -9,6 +9,7 @@ interrupted).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import sys
@@ -357,6 +358,30 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
     }
 
 
+def previous_result(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Make re-running a cut-off sweep (same sweep dir) pick up where it stopped.
+
+    A run dir that already holds a completed run of this config is not trained
+    again (its result is returned); one that holds a checkpoint of an unfinished
+    run is resumed from it.
+    """
+    if cfg.resume:
+        return None
+    result_file = run_dir / "result.json"
+    if result_file.is_file():
+        try:
+            previous = json.loads(result_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+        if previous.get("status") == "completed":
+            check_resume_config(previous.get("config", {}), cfg, result_file)
+            return previous
+    if (run_dir / "last.pt").is_file():
+        log.info("%s holds an unfinished run: resuming it", run_dir)
+        cfg.resume = str(run_dir)
+    return None
+
+
 def wandb_settings(cfg: DictConfig) -> dict:
     """W&B run identity: group = sweep name under -m, name = the overrides."""
     hc = HydraConfig.get()
@@ -375,9 +400,14 @@ def run_job(cfg: DictConfig) -> dict:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     state: dict = {"run_dir": run_dir}
-    status, error, result = "failed", None, None
+    status, error, result, skipped = "failed", None, None, False
     try:
         validate(cfg)
+        previous = previous_result(cfg, run_dir)
+        if previous is not None:  # its records are already on disk
+            log.info("%s already holds this completed run: skipping it", run_dir)
+            skipped = True
+            return previous
         result = train_and_measure(cfg, run_dir, wandb_settings(cfg), state)
         status = result["status"]
         return result
@@ -399,15 +429,21 @@ def run_job(cfg: DictConfig) -> dict:
         log.exception("job failed: %s", error)
         return {"status": "failed", "error": error}
     finally:
-        recorder = state.get("recorder")
-        if result is None:  # failed or interrupted: still leave a record
-            result = {"config": resolved_or_raw(cfg), "status": status, "error": error}
-            if recorder is None:
-                recorder = RunRecorder(state["run_dir"], result["config"], wandb_cfg=None)
-        recorder.write_result(result)
-        recorder.finish(exit_code=0 if status == "completed" else 1)
-        if status in ("completed", "interrupted") and result.get("cost"):
-            print_summary(result)
+        if not skipped:
+            leave_record(cfg, state, result, status, error)
+
+
+def leave_record(cfg: DictConfig, state: dict, result: dict | None, status: str, error: str | None) -> None:
+    """Write result.json whatever happened (a failed or interrupted run too) and close the W&B run."""
+    recorder = state.get("recorder")
+    if result is None:
+        result = {"config": resolved_or_raw(cfg), "status": status, "error": error}
+        if recorder is None:
+            recorder = RunRecorder(state["run_dir"], result["config"], wandb_cfg=None)
+    recorder.write_result(result)
+    recorder.finish(exit_code=0 if status == "completed" else 1)
+    if status in ("completed", "interrupted") and result.get("cost"):
+        print_summary(result)
 
 
 def resolved_or_raw(cfg: DictConfig) -> dict:

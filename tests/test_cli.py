@@ -231,3 +231,21 @@ def test_torch_compile_keeps_the_aux_losses(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     aux = [line["train/aux_loss"] for line in metric_lines(run_dir) if "train/aux_loss" in line]
     assert aux and all(a > 0 for a in aux)
+
+
+def test_rerunning_into_the_same_dir_skips_completed_and_resumes_unfinished(tmp_path):
+    common = ["router=soft", "train.epochs=2", "deterministic=true"]
+    proc, run_dir = train(tmp_path, *common, "train.time_limit_min=0")
+    assert proc.returncode == 0 and result(run_dir)["status"] == "interrupted"
+    proc, _ = train(tmp_path, *common)  # the same command again (no time limit): picks up at epoch 1
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming" in proc.stdout + proc.stderr
+    finished = result(run_dir)
+    assert finished["status"] == "completed" and finished["epochs_completed"] == 2
+    proc, straight = train(tmp_path, *common, name="straight")
+    assert finished["quality"] == result(straight)["quality"]
+
+    stamp = (run_dir / "result.json").stat().st_mtime_ns
+    proc, _ = train(tmp_path, *common)  # once more: nothing to do
+    assert proc.returncode == 0 and "skipping" in proc.stdout + proc.stderr
+    assert (run_dir / "result.json").stat().st_mtime_ns == stamp
