@@ -454,8 +454,9 @@ def resolved_or_raw(cfg: DictConfig) -> dict:
 
 
 def dirname_label(override_dirname: str, limit: int = 120) -> str:
-    """A sweep job's dir label: its overrides, shortened with a hash past ``limit``
-    characters (file names stop at 255)."""
+    """A sweep job's dir label: its overrides, one path component (no "/"), shortened
+    with a hash past ``limit`` characters (file names stop at 255)."""
+    override_dirname = override_dirname.replace("/", "_")
     if len(override_dirname) <= limit:
         return override_dirname or "default"
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]

@@ -88,6 +88,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 def test_sweep_dir_labels_stay_short_and_distinct():
     assert dirname_label("experts=8,router=soft") == "experts=8,router=soft"
+    assert "/" not in dirname_label("data.root=/data/cifar,router=soft")
     long_a, long_b = ",".join(f"key{i}=value" for i in range(40)), ",".join(f"key{i}=other" for i in range(40))
     a, b = dirname_label(long_a), dirname_label(long_b)
     assert len(a) < 140 and a != b and a.startswith("key0=value,")
