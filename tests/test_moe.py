@@ -16,12 +16,16 @@ from moebench.moe import (
     count_parameters,
 )
 
-torch.set_default_dtype(torch.float64)  # references accumulate in another order: compare at 1e-5 safely
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _float64_and_seed():
+    """float64 in this module only: the references accumulate in another order, so 1e-5 is safe."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def grads(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
