@@ -12,6 +12,7 @@ Linux/glibc only; set MOEBENCH_MALLOC_TUNING=0 to opt out.
 from __future__ import annotations
 
 import ctypes
+import gc
 import ctypes.util
 import os
 import sys
@@ -31,3 +32,14 @@ def tune_cpu_allocator() -> bool:
         return False
     ok = mallopt(M_MMAP_MAX, 0) == 1
     return bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the kernel once (between the jobs of a sweep),
+    so the next job's peak resident set is its own."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

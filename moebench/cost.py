@@ -6,9 +6,12 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .allocator import release_free_memory
 
 _aten = torch.ops.aten
 
@@ -61,10 +64,30 @@ def measure_inference(model: torch.nn.Module, example: torch.Tensor, *, warmup: 
     return {"infer_images_per_s": example.shape[0] / per_batch, "infer_ms_per_image": 1e3 * per_batch / example.shape[0]}
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: a -m sweep runs all its jobs in one process, and each job
+    must report its own peak, not the largest of the jobs before it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    release_free_memory()  # the allocator tuning keeps freed memory; the last job's must not count
+    try:  # Linux: "5" resets the resident-set high-water mark (VmHWM) to the current size
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak is the process's lifetime peak
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak tensor memory allocated. CPU: the whole process's peak resident set."""
+    """CUDA: peak tensor memory allocated. CPU: the process's peak resident set since
+    ``reset_peak_memory`` (Linux), or over its lifetime (elsewhere)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 

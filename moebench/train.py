@@ -211,6 +211,7 @@ def evaluate(model, loader, device, autocast) -> dict[str, float]:
 def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> dict:
     """Everything of one run after validation; fills ``state`` as it goes (for failure records)."""
     device = select_device(cfg.device)
+    cost.reset_peak_memory(device)
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(cfg.deterministic)  # set both ways: a sweep reuses the process
 

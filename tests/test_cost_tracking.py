@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from moebench.cost import Throughput, flops_per_image, measure_inference
+from moebench.allocator import tune_cpu_allocator
+from moebench.cost import Throughput, flops_per_image, measure_inference, peak_memory_mb, reset_peak_memory
 from moebench.tracking import RunRecorder, atomic_write_json, read_metrics
 
 
@@ -28,6 +30,17 @@ def test_measure_inference_gives_consistent_positive_figures():
     out = measure_inference(nn.Linear(8, 8), torch.randn(4, 8), warmup=1, repeats=3)
     assert out["infer_images_per_s"] > 0
     assert out["infer_ms_per_image"] == pytest.approx(1e3 / out["infer_images_per_s"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_peak_memory_is_per_run_after_a_reset():
+    tune_cpu_allocator()  # as the CLI does: freed memory stays in the process until the reset
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB resident
+    with_big = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < with_big - 32  # the earlier peak is forgotten
 
 
 def test_throughput_skips_warmup_steps_and_survives_a_resume():
