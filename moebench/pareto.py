@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None 
     runs = find_runs(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    root = Path(paths[0]).resolve() if len(paths) == 1 else None
+    root = Path(os.path.commonpath([Path(p).resolve() for p in paths]))  # run names relative to it
     rows = frontier_rows(runs, root)
     skipped = [run for run in runs if not usable(run)]
     summary = {
