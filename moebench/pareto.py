@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def print_table(rows: list[dict], skipped: list[Run]) -> None:
                           ("params_total", "{:,}"), ("train_ms_per_image", "{:.3g}")):
             cells.append(fmt.format(row[axis]) + (" *" if row[f"frontier_{axis}"] else "  "))
         table.add_row(row["run"], row["label"], f"{row['top1']:.4f}", *cells)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes: no 80-column wrap
     console.print(table)
     for run in skipped:
         console.print(f"skipped {run.path} ({run.status}{': ' + run.error if run.error else ''})", soft_wrap=True)
@@ -264,7 +265,6 @@ class ParetoCallback(Callback):
 
 def main(argv: list[str]) -> int:
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="moebench pareto", description="Cost/quality Pareto frontier of runs.")
     parser.add_argument("paths", nargs="+", help="sweep dirs and/or run dirs (several are combined)")
