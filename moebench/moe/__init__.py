@@ -17,11 +17,13 @@ from .capacity import compute_capacity
 from .dense import DenseMLP
 from .experts import Experts
 from .experts_choice import ExpertsChoiceMoE
+from .parallel import ShardedExperts, expert_parallel_parameters, shard_experts
 from .soft import SoftMoE
 from .sparse import SparseMoE
 from .tokens_choice import TokensChoiceMoE, position_in_expert
 
 __all__ = [
-    "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "SoftMoE", "SparseMoE", "TokensChoiceMoE",
-    "collect_aux_loss", "collect_metrics", "compute_capacity", "count_parameters", "position_in_expert",
+    "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "ShardedExperts", "SoftMoE", "SparseMoE", "TokensChoiceMoE",
+    "collect_aux_loss", "collect_metrics", "compute_capacity", "count_parameters", "expert_parallel_parameters", "position_in_expert",
+    "shard_experts",
 ]

@@ -1,0 +1,96 @@
+"""Expert parallelism on 2 CPU processes (gloo): the sharded layer equals the local layer."""
+
+from __future__ import annotations
+
+import copy
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moebench.moe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, expert_parallel_parameters, shard_experts
+
+WORLD = 2
+DIM, HIDDEN, TOKENS, BATCH = 8, 16, 6, 8
+# (name, layer factory, examples per rank): uneven splits exercise the row-count exchange.
+CASES = [
+    ("soft", lambda: SoftMoE(DIM, HIDDEN, 4, slots_per_expert=2, identical_init=False), (4, 4)),
+    ("soft uneven", lambda: SoftMoE(DIM, HIDDEN, 4, slots_per_expert=3, identical_init=False), (3, 5)),
+    ("tokens_choice k2 bpr", lambda: TokensChoiceMoE(DIM, HIDDEN, 4, k=2, group_size=2, noise_std=0.0), (4, 4)),
+    ("tokens_choice uneven", lambda: TokensChoiceMoE(DIM, HIDDEN, 8, k=1, group_size=1, capacity_factor=0.5,
+                                                     noise_std=0.0, bpr=False), (3, 5)),
+    ("experts_choice", lambda: ExpertsChoiceMoE(DIM, HIDDEN, 4, capacity_factor=1.0, group_size=2), (4, 4)),
+]
+
+
+def check_case(rank: int, make, split) -> None:
+    torch.manual_seed(0)
+    full = make().double()
+    x = torch.randn(BATCH, TOKENS, DIM, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(BATCH, TOKENS, DIM, dtype=torch.float64)
+
+    # Reference: one process, the whole global batch.
+    sharded = shard_experts(copy.deepcopy(full))
+    y_ref = full(x)
+    ((y_ref * g).sum() + full.aux_loss).backward()
+
+    lo = sum(split[:rank])
+    mine = slice(lo, lo + split[rank])
+    x_local = x.detach()[mine].clone().requires_grad_(True)
+    y = sharded(x_local)
+    # Each rank's aux loss is the mean over its groups (all groups have the same
+    # size in these cases): weigh it by the rank's share of the global batch.
+    ((y * g[mine]).sum() + sharded.aux_loss * split[rank] / BATCH).backward()
+
+    torch.testing.assert_close(y, y_ref[mine], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x_local.grad, x.grad[mine], rtol=1e-10, atol=1e-10)
+    local = sharded.experts.num_experts
+    own = slice(rank * local, (rank + 1) * local)
+    shard_params = {id(p) for p in expert_parallel_parameters(sharded)}
+    for (name, p_ref), p in zip(full.named_parameters(), sharded.parameters()):
+        grad = p.grad.clone()
+        if id(p) in shard_params:  # already the gradient of the global sum
+            torch.testing.assert_close(grad, p_ref.grad[own], rtol=1e-10, atol=1e-10, msg=name)
+        else:  # replicated: sum over ranks
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, p_ref.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+    # Checkpoints: the sharded state dict is the full one, and loads both ways.
+    state = sharded.state_dict()
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    fresh = make().double()
+    fresh.load_state_dict(state)
+    resharded = shard_experts(make().double())
+    resharded.load_state_dict(full.state_dict())
+    torch.testing.assert_close(resharded(x_local.detach()), y.detach(), rtol=1e-10, atol=1e-10)
+
+
+def worker(rank: int, init_file: str, errors) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    name = "?"
+    try:
+        for name, make, split in CASES:
+            check_case(rank, make, split)
+        name = "3 experts on 2 ranks"
+        with pytest.raises(ValueError, match="divisible"):
+            shard_experts(SoftMoE(DIM, HIDDEN, 3))
+    except Exception:
+        errors.put(f"rank {rank}, {name}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_layers_match_the_local_layers(tmp_path):
+    errors = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.spawn(worker, args=(str(tmp_path / "init"), errors), nprocs=WORLD, join=True)
+    except mp.ProcessRaisedException:
+        pass
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not messages, "\n".join(messages)
