@@ -210,14 +210,19 @@ class Loader:
     """Batches of an in-memory split: ``(float32 normalised images, int64 labels)`` on ``device``.
 
     The shuffle order and augmentation draws of an epoch depend only on
-    (seed, epoch) (call ``set_epoch``). With ``world_size > 1`` each rank gets
-    an equal, disjoint shard of every epoch's permutation.
+    (seed, epoch) (call ``set_epoch``). ``batch_size`` is the global batch: with
+    ``world_size > 1`` every rank draws the same global batch and keeps its
+    equal part of it, so that N ranks see exactly the batches of one process.
+    A last batch that does not split evenly is padded with label -1 (to be
+    ignored) so that every rank runs the same number of equal batches.
     ``augment``: ``{"crop_padding": P, "hflip": bool}``; the crop pads with the
     zero pixel (black) before normalisation and shifts each image independently.
     """
 
     def __init__(self, images, labels, batch_size, *, shuffle, drop_last, mean, std, augment=None,
                  seed=0, device="cpu", rank=0, world_size=1):
+        if batch_size % world_size and drop_last:
+            raise ValueError(f"batch size {batch_size} does not split over {world_size} ranks")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -229,26 +234,32 @@ class Loader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _indices(self, generator: torch.Generator) -> torch.Tensor:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        per_rank = n // self.world_size if self.world_size > 1 else n
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
-
     def __len__(self) -> int:
-        n = len(self.labels) // self.world_size if self.world_size > 1 else len(self.labels)
+        n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        indices = self._indices(generator)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = indices[start:start + self.batch_size]
-            images = self.images[idx]
-            if self.augment:
+            idx = order[start:start + self.batch_size]
+            images, labels = self.images[idx], self.labels[idx]
+            if self.augment:  # drawn for the global batch: the same draws on every rank
                 images = self._augment(images, generator)
+            if self.world_size > 1:
+                images, labels = self._own_part(images, labels)
             x = images.to(self.device, non_blocking=True).float().div_(255)
-            yield (x - self.mean) / self.std, self.labels[idx].to(self.device, non_blocking=True)
+            yield (x - self.mean) / self.std, labels.to(self.device, non_blocking=True)
+
+    def _own_part(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = -len(labels) % self.world_size
+        if pad:
+            images = torch.cat([images, images[:1].expand(pad, *images.shape[1:])])
+            labels = torch.cat([labels, labels.new_full((pad,), -1)])
+        per_rank = len(labels) // self.world_size
+        part = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return images[part], labels[part]
 
     def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from . import distributed
 from .tracking import atomic_write_json
 
 QUALITY = "top1"
@@ -253,7 +254,7 @@ class ParetoCallback(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.exists():
+        if not sweep_dir.exists() or not distributed.current().is_main:  # under torchrun, rank 0 aggregates
             return
         wandb_cfg = {"mode": config.wandb.mode, "project": config.wandb.project, "entity": config.wandb.entity,
                      "group": config.wandb.group or sweep_dir.name}

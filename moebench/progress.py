@@ -8,9 +8,10 @@ from rich.table import Table
 
 
 class TrainProgress:
-    """Epoch/step bar with loss, lr and images/s; a no-op bar when stderr is not a terminal."""
+    """Epoch/step bar with loss, lr and images/s; a no-op bar when stderr is not a
+    terminal or when not ``enabled`` (ranks other than 0)."""
 
-    def __init__(self, epochs: int, steps_per_epoch: int, start_epoch: int = 0):
+    def __init__(self, epochs: int, steps_per_epoch: int, start_epoch: int = 0, enabled: bool = True):
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
@@ -20,7 +21,7 @@ class TrainProgress:
             TextColumn("top1 {task.fields[top1]}"),
             TimeRemainingColumn(),
             console=Console(stderr=True),
-            disable=not Console(stderr=True).is_terminal,
+            disable=not (enabled and Console(stderr=True).is_terminal),
         )
         self.task = self.progress.add_task(
             "train", total=epochs * steps_per_epoch, completed=start_epoch * steps_per_epoch,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,11 +24,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import cost
+from torch.nn.parallel import DistributedDataParallel
+
+from . import cost, distributed
 from .data import DataError, Loader, load_data
 from .errors import CheckpointError, ConfigError, UserError
 from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, collect_aux_loss, collect_metrics
-from .moe import count_parameters
+from .moe import count_parameters, expert_parallel_parameters, shard_experts
 from .progress import TrainProgress, print_summary
 from .tracking import RunRecorder, atomic_torch_save
 from .vit import ViT, moe_block_indices
@@ -88,6 +91,14 @@ def validate(cfg: DictConfig) -> None:
         moe_blocks(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    world = distributed.current().world_size
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) must be divisible "
+                          f"by the {world} processes")
+    if cfg.expert_parallel and r.name != "dense" and r.num_experts % world:
+        raise ConfigError(f"expert_parallel=true needs experts ({r.num_experts}) divisible by the {world} processes")
+    if cfg.threads not in (None, "auto") and not (isinstance(cfg.threads, int) and cfg.threads >= 1):
+        raise ConfigError(f"threads={cfg.threads!r}; allowed: auto or an int >= 1")
 
 
 def moe_blocks(cfg: DictConfig) -> list[int]:
@@ -115,12 +126,12 @@ def build_model(cfg: DictConfig, in_chans: int, num_classes: int) -> ViT:
     )
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+def select_device(name: str, ranks: distributed.Ranks) -> torch.device:
+    device = torch.device(distributed.device_for(name, ranks))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available; use device=auto or device=cpu")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return device
 
 
@@ -190,18 +201,20 @@ def check_resume_config(saved: dict, cfg: DictConfig, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- the run
 
-def evaluate(model, loader, device, autocast) -> dict[str, float]:
+def evaluate(model, loader, device, autocast, ranks: distributed.Ranks) -> dict[str, float]:
+    """Test loss, top-1 and top-5 over the whole split (each rank scores its part; label -1 is padding)."""
     model.eval()
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
     with torch.no_grad(), autocast():
         for images, labels in loader:
             logits = model(images).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum", ignore_index=-1).item()
             ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
             top1 += (ranked[:, 0] == labels).sum().item()
             top5 += (ranked == labels[:, None]).any(1).sum().item()
-            total += labels.numel()
+            total += (labels >= 0).sum().item()
     model.train()
+    total, loss_sum, top1, top5 = distributed.sum_over_ranks([total, loss_sum, top1, top5], ranks, device)
     out = {"top1": top1 / total, "loss": loss_sum / total}
     if logits.shape[1] > 5:
         out["top5"] = top5 / total
@@ -209,8 +222,15 @@ def evaluate(model, loader, device, autocast) -> dict[str, float]:
 
 
 def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> dict:
-    """Everything of one run after validation; fills ``state`` as it goes (for failure records)."""
-    device = select_device(cfg.device)
+    """Everything of one run after validation; fills ``state`` as it goes (for failure records).
+
+    Under torchrun every rank runs this; rank 0 alone writes records and checkpoints.
+    """
+    ranks = distributed.current()
+    device = select_device(cfg.device, ranks)
+    threads = distributed.threads_for(cfg.threads, ranks, parallel_jobs())
+    if threads:
+        torch.set_num_threads(threads)
     cost.reset_peak_memory(device)
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(cfg.deterministic)  # set both ways: a sweep reuses the process
@@ -229,14 +249,24 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
         d.name, root=d.root, image_size=d.image_size, download=d.download,
         num_train=d.num_train, num_test=d.num_test, seed=cfg.seed,
     )
-    model = build_model(cfg, data.in_chans, data.num_classes).to(device)
+    model = build_model(cfg, data.in_chans, data.num_classes).to(device)  # the same full model on every rank
+    params = count_parameters(model)
+    if cfg.expert_parallel and ranks.enabled:
+        shard_experts(model)
+    sharded = expert_parallel_parameters(model)
+    sharded_ids = {id(p) for p in sharded}
+    replicated = [p for p in model.parameters() if id(p) not in sharded_ids]
+    if ranks.rank > 0:  # own routing-noise stream per rank; rank 0 continues the single-process one
+        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
     optimizer = make_optimizer(model, cfg)
     norm = {"mean": data.mean, "std": data.std, "device": device}
+    shard = {"rank": ranks.rank, "world_size": ranks.world_size}
     train_loader = Loader(
         data.train_images, data.train_labels, d.batch_size, shuffle=True, drop_last=True,
-        augment=OmegaConf.to_container(d.augment), seed=cfg.seed, **norm,
+        augment=OmegaConf.to_container(d.augment), seed=cfg.seed, **norm, **shard,
     )
-    test_loader = Loader(data.test_images, data.test_labels, d.eval_batch_size, shuffle=False, drop_last=False, **norm)
+    test_loader = Loader(data.test_images, data.test_labels, d.eval_batch_size, shuffle=False, drop_last=False,
+                         **norm, **shard)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size={d.batch_size} exceeds the {len(data.train_labels)} training images")
@@ -247,25 +277,41 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
     throughput = cost.Throughput(skip=cfg.cost.skip_train_steps)
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            model.load_state_dict(ckpt["model"])  # full expert tensors: any world size, sharded or not
+            optimizer.load_state_dict(distributed.optimizer_state_local(ckpt["optimizer"], optimizer, sharded, ranks))
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {cfg.resume} does not fit this model: {str(err).splitlines()[0]}") from None
         start_epoch, step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
         wandb_id = ckpt.get("wandb_id")
         throughput.load_state_dict(ckpt.get("throughput", {}))
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        rank_states = ckpt["rng"].get("torch_ranks", [])
+        same_world = len(rank_states) == ranks.world_size
+        torch.set_rng_state(rank_states[ranks.rank] if same_world else ckpt["rng"]["torch"])
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
 
-    params = count_parameters(model)
-    log.info("model: %s router, %d params (%d active per token), MoE blocks %s, %d tokens",
-             cfg.router.name, params["total"], params["active"], moe_blocks(cfg), model.num_tokens)
+    log.info("model: %s router, %d params (%d active per token), MoE blocks %s, %d tokens%s",
+             cfg.router.name, params["total"], params["active"], moe_blocks(cfg), model.num_tokens,
+             f"; {ranks.world_size} processes" + (", experts sharded" if sharded else "") if ranks.enabled else "")
     config = OmegaConf.to_container(cfg, resolve=True)
-    recorder = RunRecorder(run_dir, config, wandb_cfg={**recorder_cfg, "id": wandb_id},
-                           resume_step=step if ckpt is not None else None)
-    state["recorder"] = recorder
-    train_model = torch.compile(model) if cfg.compile else model
+    recorder = None
+    if ranks.is_main:
+        recorder = RunRecorder(run_dir, config, wandb_cfg={**recorder_cfg, "id": wandb_id},
+                               resume_step=step if ckpt is not None else None)
+        state["recorder"] = recorder
+    train_model = model
+    if ranks.enabled:
+        if sharded:  # each rank owns different experts: DDP must neither broadcast nor average them
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, [name for name, p in model.named_parameters() if id(p) in sharded_ids])
+        r = cfg.router
+        no_slot_logits = r.name == "soft" and "soft" not in (r.dispatch, r.combine)  # phi unused (Table 2 arms)
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=no_slot_logits,
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
 
     def autocast():
@@ -275,7 +321,7 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
     last_eval: dict[str, float] = {}
     epochs_done, stopped_early = start_epoch, False
     model.train()
-    with TrainProgress(cfg.train.epochs, steps_per_epoch, start_epoch) as progress:
+    with TrainProgress(cfg.train.epochs, steps_per_epoch, start_epoch, enabled=ranks.is_main) as progress:
         for epoch in range(start_epoch, cfg.train.epochs):
             train_loader.set_epoch(epoch)
             for images, labels in train_loader:
@@ -289,61 +335,58 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
                 loss = task_loss + aux_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.train.grad_clip:
+                for p in sharded:  # their gradient sums all ranks' losses; DDP averages the others
+                    if p.grad is not None:
+                        p.grad.div_(ranks.world_size)
+                if cfg.train.grad_clip and sharded:
+                    distributed.clip_grad_norm(replicated, sharded, cfg.train.grad_clip, ranks)
+                elif cfg.train.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
                 optimizer.step()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                throughput.stop(labels.numel())
+                throughput.stop(labels.numel() * ranks.world_size)
                 step += 1
                 if step % cfg.train.log_every == 0 or step == total_steps:
-                    metrics = {
-                        "epoch": epoch + 1, "train/loss": task_loss.item(), "train/aux_loss": aux_loss.item(),
-                        "train/lr": optimizer.param_groups[0]["lr"], "train/images_per_s": throughput.images_per_s,
+                    metrics = distributed.mean_over_ranks({
+                        "train/loss": task_loss.item(), "train/aux_loss": aux_loss.item(),
                         **{f"routing/{key}": value for key, value in collect_metrics(model).items()},
-                    }
-                    recorder.log(metrics, step=step)
+                    }, ranks, device)
+                    metrics.update({"epoch": epoch + 1, "train/lr": optimizer.param_groups[0]["lr"],
+                                    "train/images_per_s": throughput.images_per_s})
+                    if recorder:
+                        recorder.log(metrics, step=step)
                 progress.advance(loss=task_loss.item(), lr=optimizer.param_groups[0]["lr"],
                                  images_per_s=throughput.images_per_s)
 
-            last_eval = evaluate(model, test_loader, device, autocast)
+            last_eval = evaluate(model, test_loader, device, autocast, ranks)
             best_top1 = max(best_top1, last_eval["top1"])
-            recorder.log({"epoch": epoch + 1, **{f"test/{k}": v for k, v in last_eval.items()},
-                          "test/top1_best": best_top1}, step=step)
+            if recorder:
+                recorder.log({"epoch": epoch + 1, **{f"test/{k}": v for k, v in last_eval.items()},
+                              "test/top1_best": best_top1}, step=step)
             epochs_done = epoch + 1
             progress.end_epoch(epochs_done, last_eval["top1"])
             log.info("epoch %d/%d: test top1 %.4f, loss %.4f", epoch + 1, cfg.train.epochs,
                      last_eval["top1"], last_eval["loss"])
             if cfg.train.save_checkpoints:
-                ckpt_state = {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                    "step": step, "best_top1": best_top1, "config": config, "wandb_id": recorder.wandb_run_id,
-                    "throughput": throughput.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                }
-                if device.type == "cuda":
-                    ckpt_state["rng"]["cuda"] = torch.cuda.get_rng_state()
-                atomic_torch_save(ckpt_state, run_dir / "last.pt")
-                if last_eval["top1"] >= best_top1:
-                    atomic_torch_save(ckpt_state, run_dir / "best.pt")
+                save_checkpoint(run_dir, last_eval["top1"] >= best_top1, ranks, {
+                    "model": model.state_dict(),  # collectives under expert parallelism: every rank calls them
+                    "optimizer": distributed.optimizer_state_full(optimizer, sharded, ranks),
+                    "rng": rng_state(device, ranks),
+                    "epoch": epoch + 1, "step": step, "best_top1": best_top1, "config": config,
+                    "wandb_id": recorder.wandb_run_id if recorder else None, "throughput": throughput.state_dict(),
+                })
             limit = cfg.train.time_limit_min
-            if limit is not None and epoch + 1 < cfg.train.epochs and time.monotonic() - started >= 60 * limit:
+            out_of_time = limit is not None and time.monotonic() - started >= 60 * limit
+            if epoch + 1 < cfg.train.epochs and distributed.agree(out_of_time, ranks, device):
                 log.warning("train.time_limit_min=%s reached after epoch %d: stopping; resume=%s continues",
                             limit, epoch + 1, run_dir)
                 stopped_early = True
                 break
 
     if not last_eval:  # resumed a run that had already finished: measure it as it is
-        last_eval = evaluate(model, test_loader, device, autocast)
-    n = cfg.cost.batch_size
-    example = next(iter(Loader(data.test_images[:n], data.test_labels[:n], n, shuffle=False, drop_last=False, **norm)))[0]
-    measured = {
-        "params_total": params["total"],
-        "params_active": params["active"],
-        "gflops_per_image": cost.flops_per_image(model, example) / 1e9,
-        "train_images_per_s": throughput.images_per_s,
-        **cost.measure_inference(model, example, warmup=cfg.cost.warmup, repeats=cfg.cost.repeats),
-        "peak_memory_mb": cost.peak_memory_mb(device),
-    }
+        last_eval = evaluate(model, test_loader, device, autocast, ranks)
+    measured = measure_cost(cfg, model, data, norm, params, throughput, device, ranks)
     quality = {"top1": last_eval.get("top1"), "top1_best": best_top1, "loss": last_eval.get("loss")}
     if "top5" in last_eval:
         quality["top5"] = last_eval["top5"]
@@ -355,8 +398,56 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
         "epochs_completed": epochs_done,
         "train_time_s": time.monotonic() - started,
         "device": str(device),
+        "processes": ranks.world_size,
+        "expert_parallel": bool(sharded),
         "run_dir": str(run_dir),
     }
+
+
+def parallel_jobs() -> int:
+    """How many jobs a parallel launcher (joblib's n_jobs) runs at once on this machine."""
+    n_jobs = HydraConfig.get().launcher.get("n_jobs") if HydraConfig.initialized() else None
+    if not n_jobs:
+        return 1
+    return n_jobs if n_jobs > 0 else os.cpu_count() or 1  # joblib: -1 means one job per core
+
+
+def rng_state(device: torch.device, ranks: distributed.Ranks) -> dict:
+    rank_states = distributed.gather_rng_states(ranks)
+    rng = {"torch": rank_states[0], "torch_ranks": rank_states}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def save_checkpoint(run_dir: Path, is_best: bool, ranks: distributed.Ranks, ckpt_state: dict) -> None:
+    if ranks.is_main:
+        atomic_torch_save(ckpt_state, run_dir / "last.pt")
+        if is_best:
+            atomic_torch_save(ckpt_state, run_dir / "best.pt")
+
+
+def measure_cost(cfg, model, data, norm, params, throughput, device, ranks: distributed.Ranks) -> dict | None:
+    """Cost of the trained model as one process serves it (rank 0 measures, the others wait)."""
+    if expert_parallel_parameters(model):  # measure the unsharded model: same weights, no collectives
+        state = model.state_dict()
+        model = build_model(cfg, data.in_chans, data.num_classes).to(device)
+        model.load_state_dict(state)
+    measured = None
+    if ranks.is_main:
+        n = cfg.cost.batch_size
+        example = next(iter(Loader(data.test_images[:n], data.test_labels[:n], n, shuffle=False,
+                                   drop_last=False, **norm)))[0]
+        measured = {
+            "params_total": params["total"],
+            "params_active": params["active"],
+            "gflops_per_image": cost.flops_per_image(model, example) / 1e9,
+            "train_images_per_s": throughput.images_per_s,
+            **cost.measure_inference(model, example, warmup=cfg.cost.warmup, repeats=cfg.cost.repeats),
+            "peak_memory_mb": cost.peak_memory_mb(device),
+        }
+    distributed.barrier(ranks)
+    return measured
 
 
 def previous_result(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -414,7 +505,8 @@ def run_job(cfg: DictConfig) -> dict:
         return result
     except (UserError, DataError) as err:
         error = str(err)
-        print(f"moebench: error: {error}", file=sys.stderr, flush=True)  # one plain line, never wrapped
+        if distributed.current().is_main:
+            print(f"moebench: error: {error}", file=sys.stderr, flush=True)  # one plain line, never wrapped
         FAILED_JOBS.append(str(state["run_dir"]))
         if not multirun:
             raise SystemExit(2) from None
@@ -430,7 +522,7 @@ def run_job(cfg: DictConfig) -> dict:
         log.exception("job failed: %s", error)
         return {"status": "failed", "error": error}
     finally:
-        if not skipped:
+        if not skipped and distributed.current().is_main:
             leave_record(cfg, state, result, status, error)
 
 
@@ -465,6 +557,7 @@ def dirname_label(override_dirname: str, limit: int = 120) -> str:
 
 
 OmegaConf.register_new_resolver("moebench_label", dirname_label, replace=True)
+OmegaConf.register_new_resolver("moebench_now", distributed.run_stamp, replace=True)  # one stamp for all ranks
 
 
 def conf_dir() -> str:
@@ -482,9 +575,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main(args: list[str]) -> int:
     """Run the Hydra app with ``args`` as its command line; returns the exit code."""
     FAILED_JOBS.clear()
-    sys.argv = ["moebench train", *args]
+    sys.argv = ["moebench train", *args, *distributed.setup()]  # under torchrun: join the ranks first
     try:
         _hydra_main()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        distributed.teardown()
     return 1 if FAILED_JOBS else 0

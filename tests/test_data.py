@@ -89,11 +89,26 @@ def test_loader_covers_each_epoch_reproducibly():
     assert len(loader(drop_last=True)) == 2 and [len(b) for b in labels_of(loader(drop_last=True))] == [4, 4]
 
 
-def test_loader_normalises_and_shards_by_rank():
+def test_loader_normalises_and_splits_each_global_batch_over_ranks():
     x, y = next(iter(loader(shuffle=False)))
     torch.testing.assert_close(x[:, 0, 0, 0], y.float())  # mean 0, std 1/255: back to the raw value
-    shards = [sum(labels_of(loader(rank=r, world_size=2)), []) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 5 and not set(shards[0]) & set(shards[1])
+    one = labels_of(loader(n=11))  # batches of 4, 4, 3
+    parts = [labels_of(loader(n=11, rank=r, world_size=2)) for r in range(2)]
+    # Rank r's part of batch b is its share of the single-process batch b...
+    assert [a + b for a, b in zip(*parts)] == [batch + [-1] * (len(batch) % 2) for batch in one]
+    # ...equal on every rank, the odd last batch padded with the label to ignore.
+    assert [len(b) for b in parts[0]] == [len(b) for b in parts[1]] == [2, 2, 2]
+    with pytest.raises(ValueError, match="does not split"):
+        loader(batch=3, drop_last=True, world_size=2)
+
+
+def test_ranks_get_the_augmentation_of_the_single_process_batch():
+    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    make = lambda rank, world: Loader(images, torch.arange(8), 8, shuffle=True, drop_last=True, mean=(0, 0, 0),
+                                      std=(1, 1, 1), augment={"crop_padding": 2, "hflip": True}, seed=3,
+                                      rank=rank, world_size=world)
+    whole = next(iter(make(0, 1)))[0]
+    torch.testing.assert_close(torch.cat([next(iter(make(r, 2)))[0] for r in range(2)]), whole)
 
 
 def test_augmentation_is_deterministic_and_changes_images():

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from test_cli import ENV, metric_lines, moebench, result
 
 from moebench.moe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, expert_parallel_parameters, shard_experts
 
@@ -94,3 +99,75 @@ def test_expert_parallel_layers_match_the_local_layers(tmp_path):
     while not errors.empty():
         messages.append(errors.get())
     assert not messages, "\n".join(messages)
+
+
+# ----------------------------------------------------------------------------- torchrun end to end
+
+TC = ["experiment=smoke", "router=tokens_choice", "router.group_size=2", "router.noise_std=0",
+      "deterministic=true", "train.epochs=2"]
+
+
+def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "moebench", *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300,
+    )
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Same final weights (float tolerance: 2 ranks sum in another order) and the same logged losses."""
+    wa = torch.load(a / "last.pt", weights_only=True)["model"]
+    wb = torch.load(b / "last.pt", weights_only=True)["model"]
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+    la = [m["train/loss"] for m in metric_lines(a) if "train/loss" in m]
+    lb = [m["train/loss"] for m in metric_lines(b) if "train/loss" in m]
+    assert len(la) == len(lb) == 8 and la == pytest.approx(lb, abs=1e-5)
+    assert result(a)["quality"]["top1"] == result(b)["quality"]["top1"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    proc = moebench("train", *TC, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_torchrun_ddp_matches_one_process_and_only_rank_0_writes(tmp_path, single_process_run):
+    proc = torchrun("train", *TC, cwd=tmp_path)  # default run dir: a timestamp each rank must agree on
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dirs = [p.parent for p in tmp_path.glob("outputs/*/*/result.json")]
+    assert len(list(tmp_path.glob("outputs/*/*"))) == len(run_dirs) == 1
+    run_dir = run_dirs[0]
+    assert_same_training(single_process_run, run_dir)
+    res = result(run_dir)
+    assert res["processes"] == 2 and not res["expert_parallel"] and res["cost"]["gflops_per_image"] > 0
+    assert (proc.stdout + proc.stderr).count("epoch 1/2: test top1") == 1  # rank 1 logs nothing
+
+
+def test_expert_parallel_checkpoints_resume_across_process_counts(tmp_path, single_process_run):
+    # Sharded for the first epoch (stopped by the time limit), one process for the second...
+    ep_first = tmp_path / "ep_first"
+    proc = torchrun("train", *TC, "expert_parallel=true", "train.time_limit_min=0", f"hydra.run.dir={ep_first}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert result(ep_first)["status"] == "interrupted" and result(ep_first)["expert_parallel"]
+    proc = moebench("train", *TC, f"resume={ep_first}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(single_process_run, ep_first)
+    # ...and the other way round.
+    one_first = tmp_path / "one_first"
+    proc = moebench("train", *TC, "train.time_limit_min=0", f"hydra.run.dir={one_first}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun("train", *TC, "expert_parallel=true", f"resume={one_first}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert result(one_first)["expert_parallel"]
+    assert_same_training(single_process_run, one_first)
+
+
+def test_expert_parallel_needs_experts_divisible_by_processes(tmp_path):
+    proc = torchrun("train", "experiment=smoke", "experts=3", "expert_parallel=true", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert proc.stderr.count("moebench: error: expert_parallel=true needs experts (3) divisible by the 2") == 1
+    assert 'moebench/' not in proc.stderr  # no traceback from moebench (torchrun's agent prints its own)

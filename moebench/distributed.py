@@ -1,0 +1,183 @@
+"""`moebench train` on several processes: torchrun, DDP and expert parallelism.
+
+torchrun starts one process per device and sets RANK, WORLD_SIZE and
+LOCAL_RANK. ``setup()`` joins the process group before Hydra starts, so that
+every rank agrees on one run dir (rank 0's timestamp) and only rank 0 writes
+Hydra's files. Everything here is a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def current() -> Ranks:
+    """This process's place, from torchrun's environment variables."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", 1))
+    return Ranks(int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)),
+                 int(env.get("LOCAL_WORLD_SIZE", world)))
+
+
+_STAMP = datetime.now()
+
+
+def run_stamp(fmt: str) -> str:
+    """The run's start time, the same on every rank (the ``moebench_now`` resolver)."""
+    return _STAMP.strftime(fmt)
+
+
+def setup() -> list[str]:
+    """Join the process group (if launched by torchrun); returns Hydra overrides for this rank.
+
+    The backend follows the device: tensors on CUDA go through NCCL, tensors
+    on the CPU through gloo (one process group serves both).
+    """
+    global _STAMP
+    ranks = current()
+    if not ranks.enabled:
+        return []
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    stamp = [_STAMP]
+    dist.broadcast_object_list(stamp, src=0)
+    _STAMP = stamp[0]
+    if ranks.is_main:
+        return []
+    # Other ranks share rank 0's run dir but write nothing into it.
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(name: str, ranks: Ranks) -> str:
+    """``auto`` -> cuda when there is CUDA, else cpu; under torchrun, ``cuda`` is this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{ranks.local_rank}" if name == "cuda" and ranks.enabled else name
+
+
+def threads_for(setting, ranks: Ranks, jobs_in_parallel: int = 1) -> int | None:
+    """torch intra-op threads per process: ``auto`` splits the cores between the
+    processes of this machine (torchrun ranks, parallel launcher jobs)."""
+    if setting in (None, "auto"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        sharing = ranks.local_world_size * max(1, jobs_in_parallel)
+        return max(1, cores // sharing) if sharing > 1 else None
+    return int(setting)
+
+
+# ----------------------------------------------------------------------------- collectives for training
+
+def mean_over_ranks(values: dict[str, float], ranks: Ranks, device) -> dict[str, float]:
+    """Average a dict of floats (same keys on every rank) over the ranks."""
+    if not ranks.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / ranks.world_size for k, v in zip(keys, t.tolist())}
+
+
+def sum_over_ranks(values: list[float], ranks: Ranks, device) -> list[float]:
+    if not ranks.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def agree(flag: bool, ranks: Ranks, device) -> bool:
+    """Rank 0's decision, on every rank (e.g. stop at a time limit that clocks see differently)."""
+    if not ranks.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.enabled:
+        dist.barrier()
+
+
+def clip_grad_norm(replicated: list, sharded: list, max_norm: float, ranks: Ranks) -> torch.Tensor:
+    """Clip by the global norm of the whole model, whose sharded part lives on all ranks."""
+    grads = [p.grad for p in replicated if p.grad is not None]
+    shard_grads = [p.grad for p in sharded if p.grad is not None]
+    sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    if shard_grads:
+        shard_sq = torch.stack([g.detach().float().pow(2).sum() for g in shard_grads]).sum()
+        if ranks.enabled:
+            dist.all_reduce(shard_sq)
+        sq = sq.to(shard_sq.device) + shard_sq
+    norm = sq.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads + shard_grads:
+        g.mul_(scale.to(g.device, g.dtype))
+    return norm
+
+
+def gather_rng_states(ranks: Ranks) -> list[torch.Tensor]:
+    state = torch.get_rng_state()
+    if not ranks.enabled:
+        return [state]
+    states: list = [None] * ranks.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def optimizer_state_full(optimizer: torch.optim.Optimizer, sharded: list, ranks: Ranks) -> dict:
+    """``optimizer.state_dict()`` with the sharded parameters' moments gathered to full size."""
+    state = optimizer.state_dict()
+    if not sharded or not ranks.enabled:
+        return state
+    ids = {id(p) for p in sharded}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, p in enumerate(params):
+        if id(p) in ids and index in state["state"]:
+            for key, value in state["state"][index].items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.ndim > 0:
+                    pieces = [torch.empty_like(value) for _ in range(ranks.world_size)]
+                    dist.all_gather(pieces, value.contiguous())
+                    state["state"][index][key] = torch.cat(pieces)
+    return state
+
+
+def optimizer_state_local(state: dict, optimizer: torch.optim.Optimizer, sharded: list, ranks: Ranks) -> dict:
+    """The inverse: keep this rank's slice of full-size moments (a checkpoint from any world size)."""
+    if not sharded:
+        return state
+    ids = {id(p) for p in sharded}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, p in enumerate(params):
+        if id(p) in ids and index in state["state"]:
+            for key, value in state["state"][index].items():
+                if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == p.shape[0] * ranks.world_size:
+                    n = p.shape[0]
+                    state["state"][index][key] = value[ranks.rank * n:(ranks.rank + 1) * n]
+    return state
