@@ -4,10 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench smoke clean
+.PHONY: help install train test test-slow bench bench-processes smoke clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
 
 $(BIN)/moebench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-slow: install ## the slow tests only (long end-to-end runs)
 
 bench: install ## router fwd+bwd time vs dense -> experiments/results/bench_routers.json
 	$(BIN)/moebench bench --out experiments/results/bench_routers.json
+
+bench-processes: install ## training images/s, 1 vs 2 processes (torchrun) -> experiments/results/bench_processes.json
+	$(BIN)/python experiments/bench_processes.py --out experiments/results/bench_processes.json
 
 clean: ## remove the venv, outputs and caches
 	rm -rf $(VENV) outputs multirun wandb .pytest_cache build *.egg-info

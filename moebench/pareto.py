@@ -258,10 +258,16 @@ class ParetoCallback(Callback):
             return
         wandb_cfg = {"mode": config.wandb.mode, "project": config.wandb.project, "entity": config.wandb.entity,
                      "group": config.wandb.group or sweep_dir.name}
+        from .train import FAILED_JOBS  # the exit code of `moebench train -m`
+
         try:
-            aggregate([sweep_dir], sweep_dir, wandb_cfg=wandb_cfg)
+            summary = aggregate([sweep_dir], sweep_dir, wandb_cfg=wandb_cfg)
         except ParetoError as err:  # every job failed before writing anything: say so, don't crash
             print(f"moebench: pareto: {err}")
+            FAILED_JOBS.append(str(sweep_dir))
+            return
+        # Launchers that run jobs in other processes (joblib, submitit) report failures only on disk.
+        FAILED_JOBS.extend(s["run"] for s in summary["skipped"] if s["status"] in ("failed", "unfinished"))
 
 
 def main(argv: list[str]) -> int:

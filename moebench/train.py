@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-
 from torch.nn.parallel import DistributedDataParallel
 
 from . import cost, distributed
@@ -399,6 +398,7 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
         "train_time_s": time.monotonic() - started,
         "device": str(device),
         "processes": ranks.world_size,
+        "threads": torch.get_num_threads(),
         "expert_parallel": bool(sharded),
         "run_dir": str(run_dir),
     }

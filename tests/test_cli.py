@@ -206,7 +206,8 @@ def test_non_editable_install_works_from_any_directory(tmp_path):
          "--target", str(site), str(REPO)], capture_output=True, text=True, timeout=300,
     )
     assert pip.returncode == 0, pip.stderr[-2000:]
-    assert (site / "moebench" / "conf" / "train.yaml").is_file()
+    shipped = {p.relative_to(site / "moebench" / "conf") for p in (site / "moebench" / "conf").rglob("*.yaml")}
+    assert shipped == {p.relative_to(REPO / "conf") for p in (REPO / "conf").rglob("*.yaml")}  # every group
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**ENV, "PYTHONPATH": str(site)}
