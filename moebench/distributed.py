@@ -151,33 +151,33 @@ def gather_rng_states(ranks: Ranks) -> list[torch.Tensor]:
     return states
 
 
+def _sharded_moments(state: dict, optimizer: torch.optim.Optimizer, sharded: list):
+    """(per-parameter state, key, tensor, parameter) for every moment tensor of a sharded parameter."""
+    ids = {id(p) for p in sharded}
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+    for index, p in enumerate(params):
+        if id(p) in ids and index in state["state"]:
+            entry = state["state"][index]
+            for key, value in list(entry.items()):
+                if torch.is_tensor(value) and value.ndim > 0:  # exp_avg, exp_avg_sq; not the step count
+                    yield entry, key, value, p
+
+
 def optimizer_state_full(optimizer: torch.optim.Optimizer, sharded: list, ranks: Ranks) -> dict:
     """``optimizer.state_dict()`` with the sharded parameters' moments gathered to full size."""
     state = optimizer.state_dict()
-    if not sharded or not ranks.enabled:
-        return state
-    ids = {id(p) for p in sharded}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, p in enumerate(params):
-        if id(p) in ids and index in state["state"]:
-            for key, value in state["state"][index].items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.ndim > 0:
-                    pieces = [torch.empty_like(value) for _ in range(ranks.world_size)]
-                    dist.all_gather(pieces, value.contiguous())
-                    state["state"][index][key] = torch.cat(pieces)
+    if ranks.enabled:
+        for entry, key, value, _ in _sharded_moments(state, optimizer, sharded):
+            pieces = [torch.empty_like(value) for _ in range(ranks.world_size)]
+            dist.all_gather(pieces, value.contiguous())
+            entry[key] = torch.cat(pieces)
     return state
 
 
 def optimizer_state_local(state: dict, optimizer: torch.optim.Optimizer, sharded: list, ranks: Ranks) -> dict:
     """The inverse: keep this rank's slice of full-size moments (a checkpoint from any world size)."""
-    if not sharded:
-        return state
-    ids = {id(p) for p in sharded}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, p in enumerate(params):
-        if id(p) in ids and index in state["state"]:
-            for key, value in state["state"][index].items():
-                if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == p.shape[0] * ranks.world_size:
-                    n = p.shape[0]
-                    state["state"][index][key] = value[ranks.rank * n:(ranks.rank + 1) * n]
+    for entry, key, value, p in _sharded_moments(state, optimizer, sharded):
+        n = p.shape[0]
+        if value.shape[0] == n * ranks.world_size:
+            entry[key] = value[ranks.rank * n:(ranks.rank + 1) * n]
     return state

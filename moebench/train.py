@@ -289,9 +289,9 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
 
+    layout = f"; {ranks.world_size} processes{', experts sharded' if sharded else ''}" if ranks.enabled else ""
     log.info("model: %s router, %d params (%d active per token), MoE blocks %s, %d tokens%s",
-             cfg.router.name, params["total"], params["active"], moe_blocks(cfg), model.num_tokens,
-             f"; {ranks.world_size} processes" + (", experts sharded" if sharded else "") if ranks.enabled else "")
+             cfg.router.name, params["total"], params["active"], moe_blocks(cfg), model.num_tokens, layout)
     config = OmegaConf.to_container(cfg, resolve=True)
     recorder = None
     if ranks.is_main:
@@ -301,6 +301,7 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
     train_model = model
     if ranks.enabled:
         if sharded:  # each rank owns different experts: DDP must neither broadcast nor average them
+            # (DDP's own way to exclude parameters; a private helper, so pinned by the torchrun tests)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 model, [name for name, p in model.named_parameters() if id(p) in sharded_ids])
         r = cfg.router

@@ -136,7 +136,7 @@ def single_process_run(tmp_path_factory):
 
 
 def test_torchrun_ddp_matches_one_process_and_only_rank_0_writes(tmp_path, single_process_run):
-    proc = torchrun("train", *TC, cwd=tmp_path)  # default run dir: a timestamp each rank must agree on
+    proc = torchrun("train", *TC, "wandb.mode=offline", cwd=tmp_path)  # default run dir: a timestamp ranks share
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dirs = [p.parent for p in tmp_path.glob("outputs/*/*/result.json")]
     assert len(list(tmp_path.glob("outputs/*/*"))) == len(run_dirs) == 1
@@ -145,6 +145,7 @@ def test_torchrun_ddp_matches_one_process_and_only_rank_0_writes(tmp_path, singl
     res = result(run_dir)
     assert res["processes"] == 2 and not res["expert_parallel"] and res["cost"]["gflops_per_image"] > 0
     assert (proc.stdout + proc.stderr).count("epoch 1/2: test top1") == 1  # rank 1 logs nothing
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # one W&B run, rank 0's
 
 
 def test_expert_parallel_checkpoints_resume_across_process_counts(tmp_path, single_process_run):
