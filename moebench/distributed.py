@@ -49,12 +49,14 @@ def run_stamp(fmt: str) -> str:
 
 
 def setup() -> list[str]:
-    """Join the process group (if launched by torchrun); returns Hydra overrides for this rank.
+    """Start a command: stamp its start time and, under torchrun, join the
+    process group and share rank 0's stamp. Returns Hydra overrides for this rank.
 
     The backend follows the device: tensors on CUDA go through NCCL, tensors
     on the CPU through gloo (one process group serves both).
     """
     global _STAMP
+    _STAMP = datetime.now()  # per command, like Hydra's ${now:}
     ranks = current()
     if not ranks.enabled:
         return []
