@@ -8,6 +8,7 @@ Hydra's files. Everything here is a no-op in a single process.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,7 +73,11 @@ def setup() -> list[str]:
 
 
 def teardown() -> None:
+    """Leave the process group together, after the objects that hold it (DDP's reducer) are gone:
+    gloo threads still alive at interpreter shutdown can abort the process."""
     if dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
