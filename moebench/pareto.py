@@ -158,6 +158,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, axes = plt.subplots(1, len(COST_AXES), figsize=(5 * len(COST_AXES), 4.2), squeeze=False)
     for ax, (axis, (label, _)) in zip(axes[0], COST_AXES.items()):
@@ -173,6 +174,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax.scatter([c for c, _ in front], [q for _, q in front], s=160, facecolors="none",
                        edgecolors="gray", linewidths=1)
         ax.set_xscale("log")
+        # Within one decade matplotlib labels every minor tick, and the labels overlap: a few plain ones instead.
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(f"{label} (log)")
         ax.set_ylabel("test top-1")
         ax.grid(alpha=0.3)
