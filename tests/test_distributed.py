@@ -91,14 +91,15 @@ def worker(rank: int, init_file: str, errors) -> None:
 
 def test_expert_parallel_layers_match_the_local_layers(tmp_path):
     errors = mp.get_context("spawn").SimpleQueue()
+    failure = None
     try:
         mp.spawn(worker, args=(str(tmp_path / "init"), errors), nprocs=WORLD, join=True)
-    except mp.ProcessRaisedException:
-        pass
+    except mp.ProcessRaisedException as err:  # the queue says which case; the exception covers the rest
+        failure = str(err)
     messages = []
     while not errors.empty():
         messages.append(errors.get())
-    assert not messages, "\n".join(messages)
+    assert not messages and failure is None, "\n".join(messages) or failure
 
 
 # ----------------------------------------------------------------------------- torchrun end to end
