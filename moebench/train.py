@@ -431,9 +431,10 @@ def save_checkpoint(run_dir: Path, is_best: bool, ranks: distributed.Ranks, ckpt
 def measure_cost(cfg, model, data, norm, params, throughput, device, ranks: distributed.Ranks) -> dict | None:
     """Cost of the trained model as one process serves it (rank 0 measures, the others wait)."""
     if expert_parallel_parameters(model):  # measure the unsharded model: same weights, no collectives
-        state = model.state_dict()
-        model = build_model(cfg, data.in_chans, data.num_classes).to(device)
-        model.load_state_dict(state)
+        state = model.state_dict()  # a collective: every rank gathers
+        if ranks.is_main:
+            model = build_model(cfg, data.in_chans, data.num_classes).to(device)
+            model.load_state_dict(state)
     measured = None
     if ranks.is_main:
         n = cfg.cost.batch_size
