@@ -37,6 +37,8 @@ class ImageData:
     mean: tuple[float, ...]  # per channel, in [0, 1] units, from the training split
     std: tuple[float, ...]
     name: str
+    val_images: torch.Tensor | None = None  # held out from the training split (val_fraction)
+    val_labels: torch.Tensor | None = None
 
     @property
     def in_chans(self) -> int:
@@ -57,8 +59,14 @@ def load_data(
     num_test: int | None = None,
     seed: int = 0,
     cache_dir: str | None = None,
+    val_fraction: float = 0.0,
 ) -> ImageData:
-    """Load dataset ``name`` (one of ``NAMES``) into memory; see the README's data table."""
+    """Load dataset ``name`` (one of ``NAMES``) into memory; see the README's data table.
+
+    ``val_fraction`` of the training split (after ``num_train``) is held out as a
+    validation split, stratified by class and the same for every seed, so that
+    all arms and seeds of a comparison train and select on the same images.
+    """
     if name == "digits":
         splits, classes = _digits(seed)
     elif name in ("cifar10", "cifar100"):
@@ -74,10 +82,49 @@ def load_data(
         xtr, xte = _resize(xtr, image_size), _resize(xte, image_size)
     xtr, ytr = _subset(xtr, ytr, num_train, seed)
     xte, yte = _subset(xte, yte, num_test, seed + 1)
-    pixels = xtr.float().div_(255)
-    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return ImageData(xtr, ytr, xte, yte, len(classes), classes, mean, std, name)
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+    xva = yva = None
+    if val_fraction > 0:
+        train_idx, val_idx = _stratified_split(ytr, val_fraction)
+        if len(train_idx) == 0 or len(val_idx) == 0:
+            raise DataError(f"data.val_fraction={val_fraction} leaves an empty split of {len(ytr)} training images")
+        xva, yva = xtr[val_idx], ytr[val_idx]
+        xtr, ytr = xtr[train_idx], ytr[train_idx]
+    mean, std = channel_stats(xtr)
+    return ImageData(xtr, ytr, xte, yte, len(classes), classes, mean, std, name, xva, yva)
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (in [0, 1] units) of uint8 images, a chunk at a time:
+    a float copy of a whole split (100k 64x64 images: 4.9 GB) would dominate a run's memory."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk].to(torch.float64)
+        total += part.sum(dim=(0, 2, 3))
+        total_sq += part.square().sum(dim=(0, 2, 3))
+    count = max(1, images.numel() // channels)
+    mean = total / count
+    var = (total_sq / count - mean.square()) * count / max(1, count - 1)  # unbiased, as Tensor.std
+    std = var.clamp_min(0).sqrt().div(255).clamp_min(1e-3)
+    return tuple((mean / 255).tolist()), tuple(std.tolist())
+
+
+def _stratified_split(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices: ``round(fraction * n_c)`` images of every class c go to val,
+    chosen by a fixed generator (seed-independent), each split in its original order."""
+    generator = torch.Generator().manual_seed(20231105)
+    val = []
+    for cls in labels.unique().tolist():
+        members = (labels == cls).nonzero().flatten()
+        take = int(round(fraction * len(members)))
+        val.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    val_idx = torch.cat(val).sort().values if val else torch.empty(0, dtype=torch.int64)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val_idx] = False
+    return keep.nonzero().flatten(), val_idx
 
 
 def _digits(seed: int):

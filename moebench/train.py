@@ -28,8 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 from . import cost, distributed
 from .data import DataError, Loader, load_data
 from .errors import CheckpointError, ConfigError, UserError
-from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, collect_aux_loss, collect_metrics
+from .moe import DenseMLP, ExpertsChoiceMoE, MoELayer, SoftMoE, TokensChoiceMoE, collect_aux_loss, collect_metrics
 from .moe import count_parameters, expert_parallel_parameters, shard_experts
+from .moe.decay import weight_decay_split
 from .progress import TrainProgress, print_summary
 from .tracking import RunRecorder, atomic_torch_save
 from .vit import ViT, moe_block_indices
@@ -110,7 +111,9 @@ def moe_blocks(cfg: DictConfig) -> list[int]:
 
 def build_model(cfg: DictConfig, in_chans: int, num_classes: int) -> ViT:
     m, r = cfg.model, cfg.router
-    kwargs = {key: value for key, value in OmegaConf.to_container(r, resolve=True).items() if key != "name"}
+    # Every router key is a constructor argument of its layer, but for the optimizer's.
+    kwargs = {key: value for key, value in OmegaConf.to_container(r, resolve=True).items()
+              if key not in ("name", "lr_mult")}
     num_tokens = (cfg.data.image_size // m.patch_size) ** 2 + (m.pool == "cls")
     if r.name == "soft":
         kwargs["num_tokens"] = num_tokens
@@ -146,13 +149,53 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     return 1.0
 
 
-def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, position embeddings and Soft MoE's scale."""
-    decay, no_decay = [], []
+def router_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Every parameter of an MoE layer outside its experts: Soft MoE's phi and
+    scale, the Tokens/Experts Choice gate."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, MoELayer) and hasattr(module, "experts"):
+            expert_ids = {id(p) for p in module.experts.parameters()}
+            names.update(f"{module_name}.{name}" for name, p in module.named_parameters()
+                         if id(p) not in expert_ids)
+    return names
+
+
+def optimizer_groups(model: torch.nn.Module, cfg: DictConfig) -> list[dict]:
+    """AdamW parameter groups: weight decay on matmul kernels only (by role, as the
+    Soft MoE authors do: moe/decay.py), and ``router.lr_mult`` on router parameters.
+    Each group carries its parameter ``names`` (recorded in result.json)."""
+    decay, _ = weight_decay_split(model)
+    decay = set(decay)
+    router = router_parameter_names(model)
+    lr_mult = float(cfg.router.get("lr_mult", 1.0) or 1.0)
+    groups: dict[tuple[bool, bool], dict] = {}
     for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+        key = (name in decay, name in router and lr_mult != 1.0)
+        group = groups.setdefault(key, {
+            "params": [], "names": [], "weight_decay": cfg.train.weight_decay if key[0] else 0.0,
+            "lr_mult": lr_mult if key[1] else 1.0,
+        })
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(optimizer_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+
+
+def optimizer_record(optimizer: torch.optim.Optimizer) -> dict:
+    """Which parameters were decayed, and which had a learning-rate multiplier (result.json)."""
+    groups = optimizer.param_groups
+    record = {
+        "decay": [n for g in groups if g["weight_decay"] for n in g["names"]],
+        "no_decay": [n for g in groups if not g["weight_decay"] for n in g["names"]],
+    }
+    lr_mult = {n: g["lr_mult"] for g in groups if g["lr_mult"] != 1.0 for n in g["names"]}
+    if lr_mult:
+        record["lr_mult"] = lr_mult
+    return record
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -246,7 +289,7 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
     d = cfg.data
     data = load_data(
         d.name, root=d.root, image_size=d.image_size, download=d.download,
-        num_train=d.num_train, num_test=d.num_test, seed=cfg.seed,
+        num_train=d.num_train, num_test=d.num_test, seed=cfg.seed, val_fraction=d.val_fraction,
     )
     model = build_model(cfg, data.in_chans, data.num_classes).to(device)  # the same full model on every rank
     params = count_parameters(model)
@@ -266,13 +309,19 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
     )
     test_loader = Loader(data.test_images, data.test_labels, d.eval_batch_size, shuffle=False, drop_last=False,
                          **norm, **shard)
+    val_loader = None
+    if data.val_labels is not None:
+        val_loader = Loader(data.val_images, data.val_labels, d.eval_batch_size, shuffle=False, drop_last=False,
+                            **norm, **shard)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size={d.batch_size} exceeds the {len(data.train_labels)} training images")
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup_steps = round(cfg.train.warmup_epochs * steps_per_epoch)
 
-    start_epoch, step, best_top1, wandb_id = 0, 0, -1.0, None
+    start_epoch, step, wandb_id = 0, 0, None
+    # Model selection on the validation split: its best top-1, the epoch and that epoch's test scores.
+    best = {"val_top1": -1.0, "epoch": None, "test": {}}
     throughput = cost.Throughput(skip=cfg.cost.skip_train_steps)
     if ckpt is not None:
         try:
@@ -280,7 +329,8 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
             optimizer.load_state_dict(distributed.optimizer_state_local(ckpt["optimizer"], optimizer, sharded, ranks))
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {cfg.resume} does not fit this model: {str(err).splitlines()[0]}") from None
-        start_epoch, step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        best = ckpt.get("best", best)
         wandb_id = ckpt.get("wandb_id")
         throughput.load_state_dict(ckpt.get("throughput", {}))
         rank_states = ckpt["rng"].get("torch_ranks", [])
@@ -325,8 +375,9 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
         for epoch in range(start_epoch, cfg.train.epochs):
             train_loader.set_epoch(epoch)
             for images, labels in train_loader:
+                factor = lr_factor(step, warmup_steps, total_steps, cfg.train.schedule)
                 for group in optimizer.param_groups:
-                    group["lr"] = cfg.train.lr * lr_factor(step, warmup_steps, total_steps, cfg.train.schedule)
+                    group["lr"] = cfg.train.lr * factor * group["lr_mult"]
                 throughput.start()
                 with autocast():
                     logits = train_model(images)
@@ -352,28 +403,31 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
                         "train/loss": task_loss.item(), "train/aux_loss": aux_loss.item(),
                         **{f"routing/{key}": value for key, value in collect_metrics(model).items()},
                     }, ranks, device)
-                    metrics.update({"epoch": epoch + 1, "train/lr": optimizer.param_groups[0]["lr"],
+                    metrics.update({"epoch": epoch + 1, "train/lr": cfg.train.lr * factor,
                                     "train/images_per_s": throughput.images_per_s})
                     if recorder:
                         recorder.log(metrics, step=step)
-                progress.advance(loss=task_loss.item(), lr=optimizer.param_groups[0]["lr"],
+                progress.advance(loss=task_loss.item(), lr=cfg.train.lr * factor,
                                  images_per_s=throughput.images_per_s)
 
             last_eval = evaluate(model, test_loader, device, autocast, ranks)
-            best_top1 = max(best_top1, last_eval["top1"])
+            val_eval = evaluate(model, val_loader, device, autocast, ranks) if val_loader else {}
+            is_best = bool(val_eval) and val_eval["top1"] > best["val_top1"]
+            if is_best:
+                best = {"val_top1": val_eval["top1"], "epoch": epoch + 1, "test": dict(last_eval)}
             if recorder:
                 recorder.log({"epoch": epoch + 1, **{f"test/{k}": v for k, v in last_eval.items()},
-                              "test/top1_best": best_top1}, step=step)
+                              **{f"val/{k}": v for k, v in val_eval.items()}}, step=step)
             epochs_done = epoch + 1
             progress.end_epoch(epochs_done, last_eval["top1"])
             log.info("epoch %d/%d: test top1 %.4f, loss %.4f", epoch + 1, cfg.train.epochs,
                      last_eval["top1"], last_eval["loss"])
             if cfg.train.save_checkpoints:
-                save_checkpoint(run_dir, last_eval["top1"] >= best_top1, ranks, {
+                save_checkpoint(run_dir, is_best and cfg.train.save_best, ranks, {
                     "model": model.state_dict(),  # collectives under expert parallelism: every rank calls them
                     "optimizer": distributed.optimizer_state_full(optimizer, sharded, ranks),
                     "rng": rng_state(device, ranks),
-                    "epoch": epoch + 1, "step": step, "best_top1": best_top1, "config": config,
+                    "epoch": epoch + 1, "step": step, "best": best, "config": config,
                     "wandb_id": recorder.wandb_run_id if recorder else None, "throughput": throughput.state_dict(),
                 })
             limit = cfg.train.time_limit_min
@@ -387,7 +441,13 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
     if not last_eval:  # resumed a run that had already finished: measure it as it is
         last_eval = evaluate(model, test_loader, device, autocast, ranks)
     measured = measure_cost(cfg, model, data, norm, params, throughput, device, ranks)
-    quality = {"top1": last_eval.get("top1"), "top1_best": best_top1, "loss": last_eval.get("loss")}
+    quality = {
+        "top1": last_eval.get("top1"),  # the final model on the test split
+        "loss": last_eval.get("loss"),
+        "top1_at_best_val": best["test"].get("top1"),  # the model of the best validation epoch, on test
+        "val_top1_best": best["val_top1"] if best["epoch"] else None,
+        "best_val_epoch": best["epoch"],
+    }
     if "top5" in last_eval:
         quality["top5"] = last_eval["top5"]
     return {
@@ -401,6 +461,7 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
         "processes": ranks.world_size,
         "threads": torch.get_num_threads(),
         "expert_parallel": bool(sharded),
+        "optimizer": optimizer_record(optimizer),
         "run_dir": str(run_dir),
     }
 

@@ -62,7 +62,10 @@ def test_each_router_trains_and_records_cost_and_quality(tmp_path, router):
         assert not routing
     else:
         assert any(key.endswith(expected[router]) for key in routing), routing
-    assert (run_dir / "last.pt").is_file() and (run_dir / "best.pt").is_file()
+    assert (run_dir / "last.pt").is_file() and not (run_dir / "best.pt").exists()  # best.pt only on request
+    q = res["quality"]  # model selection on the validation split, scored on test
+    assert q["best_val_epoch"] == 1 and 0.0 <= q["val_top1_best"] <= 1.0 and q["top1_at_best_val"] == q["top1"]
+    assert any("val/top1" in line for line in lines)
     assert (run_dir / "train.log").is_file()
 
 

@@ -20,6 +20,8 @@ class Experts(nn.Module):
     reference code does); otherwise every expert gets its own draw.
     """
 
+    matmul_kernels = ("w1", "w2")  # weight decay by role (moe/decay.py): b1, b2 are biases
+
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, identical_init: bool = False):
         super().__init__()
         if num_experts < 1:
