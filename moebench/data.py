@@ -69,6 +69,8 @@ def load_data(
     """
     if name == "digits":
         splits, classes = _digits(seed)
+    elif name in ("cifar10", "cifar100") and _is_imagefolder(root):
+        splits, classes = _imagefolder(root, image_size, cache_dir)  # e.g. a JPEG copy, read in place
     elif name in ("cifar10", "cifar100"):
         splits, classes = _cifar(name, root, download)
     elif name == "imagefolder":
@@ -151,7 +153,7 @@ def _cifar(name: str, root: str | None, download: bool):
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted..."
         raise DataError(
             f"{name} not found in {root.resolve()} ({err}); set data.download=true when online, "
-            f"or point data.root at a copy, or use data=imagefolder data.root=DIR"
+            f"or point data.root at torchvision's files or at an ImageFolder tree (ROOT/train/<class>/, ROOT/test/<class>/)"
         ) from None
 
     def to_tensors(ds):
@@ -159,6 +161,12 @@ def _cifar(name: str, root: str | None, download: bool):
         return images, torch.tensor(ds.targets, dtype=torch.int64)
 
     return (to_tensors(train), to_tensors(test)), list(train.classes)
+
+
+def _is_imagefolder(root: str | None) -> bool:
+    """A tree of ROOT/train/<class>/ dirs rather than torchvision's pickled batches."""
+    train = Path(root).expanduser() / "train" if root else None
+    return bool(train and train.is_dir() and any(p.is_dir() for p in train.iterdir()))
 
 
 def _synthetic(num_train: int, num_test: int, size: int, seed: int):

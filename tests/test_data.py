@@ -118,3 +118,13 @@ def test_augmentation_is_deterministic_and_changes_images():
     a, b = next(iter(make()))[0], next(iter(make()))[0]
     assert torch.equal(a, b)
     assert not torch.equal(a, images.float() / 255)
+
+
+def test_cifar10_reads_an_imagefolder_tree_in_place(tmp_path):
+    """data=cifar10 takes torchvision's files or, when data.root holds train/<class>/ dirs, that tree."""
+    root = make_tree(tmp_path / "cifar", classes=("airplane", "cat"), size=32)
+    d = load_data("cifar10", root=str(root), cache_dir=str(tmp_path / "cache"))
+    assert d.train_images.shape == (6, 3, 32, 32) and d.class_names == ["airplane", "cat"]
+    with pytest.raises(DataError, match="data.download=true") as err:
+        load_data("cifar10", root=str(tmp_path / "nothing"))
+    assert "ImageFolder" in str(err.value)
