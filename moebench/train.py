@@ -51,6 +51,8 @@ def validate(cfg: DictConfig) -> None:
     r = cfg.router
     if r.name not in ROUTERS:
         raise ConfigError(f"router.name={r.name!r} is unknown; allowed: {', '.join(ROUTERS)}")
+    if r.name == "dense" and not r.get("mlp_mult", 1) > 0:
+        raise ConfigError(f"router.mlp_mult must be > 0, got {r.mlp_mult}")
     if r.name != "dense":
         if r.num_experts < 1:
             raise ConfigError(f"experts (router.num_experts) must be >= 1, got {r.num_experts}")
@@ -118,13 +120,21 @@ def build_model(cfg: DictConfig, in_chans: int, num_classes: int) -> ViT:
     if r.name == "soft":
         kwargs["num_tokens"] = num_tokens
 
+    blocks = moe_blocks(cfg)
+    if r.name == "dense" and kwargs.get("mlp_mult", 1) != 1:
+        # A capacity control: the blocks an MoE would replace get a wider dense MLP instead.
+        moe = m.moe
+        blocks = moe_block_indices(m.depth, moe.placement, moe.n, list(moe.layers) if moe.layers is not None else None)
+
     def make_moe(_: int) -> torch.nn.Module:
+        if r.name == "dense":
+            return DenseMLP(m.dim, round(m.mlp_dim * kwargs.get("mlp_mult", 1)))
         return ROUTERS[r.name](m.dim, m.mlp_dim, **kwargs)
 
     return ViT(
         image_size=cfg.data.image_size, patch_size=m.patch_size, in_chans=in_chans, num_classes=num_classes,
         dim=m.dim, depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, pool=m.pool,
-        moe_blocks=moe_blocks(cfg), make_moe=make_moe,
+        moe_blocks=blocks, make_moe=make_moe,
     )
 
 

@@ -106,3 +106,10 @@ def test_channel_stats_in_chunks_equal_the_whole_split_in_float():
     pixels = images.float() / 255
     torch.testing.assert_close(torch.tensor(mean), pixels.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(std), pixels.std(dim=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+
+
+def test_dense_wide_control_widens_only_the_blocks_an_moe_would_replace():
+    base = build_model(compose_cfg("router=dense"), in_chans=1, num_classes=10)
+    wide = build_model(compose_cfg("router=dense", "router.mlp_mult=4"), in_chans=1, num_classes=10)
+    assert [b.mlp.fc1.out_features for b in base.blocks] == [256, 256, 256, 256]
+    assert [b.mlp.fc1.out_features for b in wide.blocks] == [256, 256, 1024, 1024]
