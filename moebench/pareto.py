@@ -1,13 +1,19 @@
-"""Cost/quality Pareto frontiers over finished runs: files, a terminal table, a W&B run.
+"""Cost/quality Pareto frontiers over finished runs: files, terminal tables, a W&B run.
 
 Reads run records (``result.json``) only; it never imports the training code.
 Used by ``moebench pareto PATH...`` and by ``ParetoCallback`` at the end of
 every ``-m`` sweep.
 
-The frontier of a set of runs, for one cost axis: a run is on it unless another
-run is at least as cheap AND at least as good, and strictly better on one of
-the two. So two runs at the same point are both on it (neither beats the
-other), and of two equally cheap runs only the better one is.
+The frontier of a set of points, for one cost axis: a point is on it unless
+another is at least as cheap AND at least as good, and strictly better on one of
+the two. So two points at the same place are both on it (neither beats the
+other), and of two equally cheap points only the better one is.
+
+Runs that differ only in ``seed`` form an *arm*; arms carry the mean, standard
+deviation and 95% t-interval of their quality, and the arm frontier is computed
+on the means. Runs trained on different data, models or schedules (a different
+*setup*) never share a frontier: the command refuses to mix them unless asked,
+then draws one frontier per setup.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import io
 import json
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,25 +33,58 @@ from hydra.experimental.callback import Callback
 from . import distributed
 from .tracking import atomic_write_json
 
-QUALITY = "top1"
-# Cost axes, all "lower is cheaper". Training speed becomes ms per image so it fits.
+QUALITY = "top1"  # the final model's test top-1
+QUALITIES = ("top1", "top1_at_best_val")
+
+
+@dataclass(frozen=True)
+class Axis:
+    label: str
+    unit: str  # how values print: flops (given in GFLOPs), count, ms, mb
+    source: tuple[str, ...]  # cost keys it is read from
+
+    def value(self, cost: dict) -> float:
+        if self.source == ("train_images_per_s",):  # speed becomes ms per image, so lower is cheaper
+            return 1e3 / cost["train_images_per_s"]
+        return cost[self.source[0]]
+
+
+# Cost axes, all "lower is cheaper". Memory axes are used when every run has them (older records lack them).
 COST_AXES = {
-    "gflops_per_image": ("GFLOPs / image", lambda c: c["gflops_per_image"]),
-    "infer_ms_per_image": ("inference ms / image", lambda c: c["infer_ms_per_image"]),
-    "params_total": ("parameters", lambda c: c["params_total"]),
-    "train_ms_per_image": ("training ms / image", lambda c: 1e3 / c["train_images_per_s"]),
+    "gflops_per_image": Axis("FLOPs / image", "flops", ("gflops_per_image",)),
+    "params_total": Axis("parameters", "count", ("params_total",)),
+    "infer_ms_per_image": Axis("inference ms / image", "ms", ("infer_ms_per_image",)),
+    "train_ms_per_image": Axis("training ms / image", "ms", ("train_images_per_s",)),
+    "train_peak_mb": Axis("training peak memory", "mb", ("train_peak_mb",)),
+    "infer_peak_mb": Axis("inference peak memory", "mb", ("infer_peak_mb",)),
 }
+REQUIRED_AXES = ("gflops_per_image", "params_total", "infer_ms_per_image", "train_ms_per_image")
+# Timings that `moebench measure` re-takes quietly; they replace the ones taken during training.
+MEASURED_KEYS = ("infer_ms_per_image", "infer_images_per_s", "latency_ms", "train_images_per_s")
+
 CONFIG_KEYS = {  # column -> dotted path in the resolved config
     "router": "router.name", "experts": "router.num_experts", "slots": "router.slots_per_expert",
     "k": "router.k", "capacity_factor": "router.capacity_factor", "bpr": "router.bpr",
     "dispatch": "router.dispatch", "combine": "router.combine", "model": "model.name", "data": "data.name",
     "seed": "seed",
 }
-COLORS = {"soft": "tab:blue", "tokens_choice": "tab:orange", "experts_choice": "tab:green", "dense": "black"}
+# Config keys that change neither what is trained nor how: left out when grouping runs into arms and
+# setups. The top-level shortcuts (experts, k, ...) only feed router.*, which is compared instead.
+NEUTRAL_KEYS = (
+    "seed", "wandb", "resume", "threads", "device", "cost", "deterministic", "expert_parallel",
+    "experts", "slots", "k", "capacity_factor",
+    "data.root", "data.download", "data.eval_batch_size", "data.cache_dir",
+    "train.log_every", "train.time_limit_min", "train.save_checkpoints",
+)
+# What makes a setup (one frontier): data, model, schedule and numerics. The MoE placement
+# (model.moe) belongs to the router design, so it varies between arms of one setup.
+SETUP_KEYS = ("data", "model", "train", "precision", "compile")
+ARM_ONLY_KEYS = ("model.moe",)
+ROUTER_MARKERS = {"soft": "o", "tokens_choice": "s", "experts_choice": "^", "dense": "D"}
 
 
 class ParetoError(Exception):
-    """Nothing to aggregate at the given paths."""
+    """Nothing to aggregate at the given paths, or runs that must not share a frontier."""
 
 
 def pareto_mask(costs: list[float], qualities: list[float]) -> list[bool]:
@@ -56,14 +96,97 @@ def pareto_mask(costs: list[float], qualities: list[float]) -> list[bool]:
     ]
 
 
+# ----------------------------------------------------------------------------- statistics
+
+def _t_within(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer ``df`` (closed form, Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 0:
+        term, total = 1.0, 1.0
+        for j in range(2, df, 2):  # 1 + (1/2) c^2 + (1*3)/(2*4) c^4 + ... up to c^(df-2)
+            term *= c2 * (j - 1) / j
+            total += term
+        return s * total
+    if df == 1:
+        return 2 * theta / math.pi
+    term, total = 1.0, 1.0
+    for j in range(3, df, 2):  # 1 + (2/3) c^2 + (2*4)/(3*5) c^4 + ... up to c^(df-3)
+        term *= c2 * (j - 1) / j
+        total += term
+    return 2 / math.pi * (theta + s * math.cos(theta) * total)
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """The t such that P(|T| <= t) = ``confidence`` for ``df`` degrees of freedom (bisection)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    lo, hi = 0.0, 1.0
+    while _t_within(hi, df) < confidence:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_within(mid, df) < confidence else (lo, mid)
+    return (lo + hi) / 2
+
+
+def ci95_half_width(values: list[float]) -> float | None:
+    """Half-width of the 95% t-interval of the mean; None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    return t_quantile(0.95, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+# ----------------------------------------------------------------------------- numbers for humans
+
+def si(value: float, digits: int = 3) -> str:
+    """1234567 -> '1.23M', 30e6 -> '30M', 8779 -> '8.78k', 0.5 -> '0.5'."""
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.{digits}g}{suffix}"
+    return f"{value:.{digits}g}"
+
+
+def human_flops(gflops: float) -> str:
+    return _with_unit(si(gflops * 1e9), "FLOPs")
+
+
+def _with_unit(number: str, unit: str) -> str:
+    """'30M', 'FLOPs' -> '30 MFLOPs': the SI prefix joins the unit."""
+    prefix = number[-1] if number[-1] in "kMGT" else ""
+    return f"{number[:-1] if prefix else number} {prefix}{unit}"
+
+
+def human_mb(mb: float) -> str:
+    return f"{mb / 1024:.3g} GB" if mb >= 1024 else f"{mb:.3g} MB"
+
+
+def human_percent(fraction: float, half_width: float | None = None) -> str:
+    text = f"{100 * fraction:.2f}"
+    return f"{text} ± {100 * half_width:.2f}%" if half_width is not None else f"{text}%"
+
+
+def human(value: float, unit: str) -> str:
+    if unit == "flops":
+        return human_flops(value)
+    if unit == "count":
+        return si(value)
+    if unit == "mb":
+        return human_mb(value)
+    return f"{value:.3g} ms"
+
+
+# ----------------------------------------------------------------------------- run records
+
 @dataclass
 class Run:
     path: Path
     status: str
     config: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)  # with the quiet re-timings (cost_measured) in place
     quality: dict = field(default_factory=dict)
     error: str | None = None
+    timing: str = "training"  # where the timings come from: training, or measured (moebench measure)
 
     def get(self, dotted: str):
         node = self.config
@@ -83,6 +206,21 @@ class Run:
         if router == "soft" and (self.get("router.dispatch"), self.get("router.combine")) != ("soft", "soft"):
             parts.append(f"{self.get('router.dispatch')}/{self.get('router.combine')}")
         return " ".join([router, *parts])
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, in the tree's order."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
@@ -110,38 +248,152 @@ def read_run(run_dir: Path) -> Run:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         return Run(run_dir, "unreadable", error=str(err))
-    return Run(run_dir, data.get("status", "unknown"), data.get("config") or {}, data.get("cost") or {},
-               data.get("quality") or {}, data.get("error"))
+    cost, timing = dict(data.get("cost") or {}), "training"
+    measured = data.get("cost_measured") or {}
+    if measured:
+        cost.update({key: measured[key] for key in MEASURED_KEYS if key in measured})
+        timing = "measured"
+    return Run(run_dir, data.get("status", "unknown"), data.get("config") or {}, cost,
+               data.get("quality") or {}, data.get("error"), timing)
 
 
-def usable(run: Run) -> bool:
-    return (run.status == "completed" and isinstance(run.quality.get(QUALITY), (int, float))
-            and all(key in run.cost for key in ("gflops_per_image", "infer_ms_per_image", "params_total",
-                                                 "train_images_per_s")))
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def frontier_rows(runs: list[Run], root: Path | None = None) -> list[dict]:
-    """One row per usable run: config keys, cost axes, quality, and on/off each frontier."""
-    done = [r for r in runs if usable(r)]
-    rows = []
-    for run in done:
-        name = str(run.path.relative_to(root)) if root and run.path.is_relative_to(root) else str(run.path)
-        row = {"run": name, "label": run.label, **{col: run.get(key) for col, key in CONFIG_KEYS.items()}}
-        row.update({axis: fn(run.cost) for axis, (_, fn) in COST_AXES.items()})
-        row.update({"params_active": run.cost.get("params_active"), "top1": run.quality[QUALITY],
-                    "top1_best": run.quality.get("top1_best"), "top5": run.quality.get("top5")})
-        rows.append(row)
-    quality = [row["top1"] for row in rows]
-    for axis in COST_AXES:
-        costs = [row[axis] for row in rows]
-        for row, on in zip(rows, pareto_mask(costs, quality)):
-            row[f"frontier_{axis}"] = on
-        for router in {row["router"] for row in rows}:
-            idx = [i for i, row in enumerate(rows) if row["router"] == router]
-            mask = pareto_mask([costs[i] for i in idx], [quality[i] for i in idx])
+def why_unusable(run: Run, quality: str = QUALITY) -> str | None:
+    """None for a run that can go on a frontier, else the reason it cannot."""
+    if run.status != "completed":
+        return run.status
+    if run.quality.get(quality) is None:
+        return f"no quality.{quality}"
+    if not _finite(run.quality.get(quality)) or ("loss" in run.quality and not _finite(run.quality["loss"])):
+        return "diverged"  # a NaN loss is no quality, however cheap the run
+    missing = [axis for axis in REQUIRED_AXES if not _axis_value(run, axis)]
+    return f"no cost record ({', '.join(missing)})" if missing else None
+
+
+def _axis_value(run: Run, axis: str) -> float | None:
+    try:
+        value = COST_AXES[axis].value(run.cost)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    return value if _finite(value) else None
+
+
+def usable(run: Run, quality: str = QUALITY) -> bool:
+    return why_unusable(run, quality) is None
+
+
+# ----------------------------------------------------------------------------- setups and arms
+
+def setup_of(run: Run) -> dict:
+    return {key: value for key, value in flatten(run.config).items()
+            if _under(key, SETUP_KEYS) and not _under(key, NEUTRAL_KEYS + ARM_ONLY_KEYS)}
+
+
+def arm_of(run: Run) -> tuple:
+    """What makes two runs seeds of one arm: every config key that is not neutral."""
+    return tuple(sorted((key, json.dumps(value, sort_keys=True)) for key, value in flatten(run.config).items()
+                        if not _under(key, NEUTRAL_KEYS)))
+
+
+def differing_keys(configs: list[dict]) -> list[str]:
+    """Keys whose value is not the same in all ``configs``, in the first config's order."""
+    keys = list(dict.fromkeys(key for config in configs for key in config))
+    return [key for key in keys if len({json.dumps(c.get(key), sort_keys=True) for c in configs}) > 1]
+
+
+def split_setups(runs: list[Run], names: dict[Path, str], allow_mixed: bool) -> dict[str, list[Run]]:
+    """Runs by setup name ("" when all share one). Mixed setups need ``allow_mixed``."""
+    setups = [setup_of(run) for run in runs]
+    keys = differing_keys(setups)
+    if not keys:
+        return {"": runs} if runs else {}
+    if not allow_mixed:
+        key = keys[0]
+        other = next(i for i, setup in enumerate(setups) if setup.get(key) != setups[0].get(key))
+        raise ParetoError(
+            f"runs differ in {key} ({setups[0].get(key)!r} in {names[runs[0].path]}, {setups[other].get(key)!r} in "
+            f"{names[runs[other].path]}): one frontier compares one setup; pass --allow-mixed for one frontier per setup")
+    groups: dict[str, list[Run]] = {}
+    for run, setup in zip(runs, setups):
+        groups.setdefault(", ".join(f"{key}={setup.get(key)}" for key in keys), []).append(run)
+    return groups
+
+
+def arm_labels(runs: list[Run]) -> dict[tuple, str]:
+    """A readable label per arm: the router label, plus the keys that tell apart arms sharing it."""
+    arms: dict[tuple, Run] = {}
+    for run in runs:
+        arms.setdefault(arm_of(run), run)
+    by_label: dict[str, list[tuple]] = {}
+    for key, run in arms.items():
+        by_label.setdefault(run.label, []).append(key)
+    labels = {}
+    for label, keys in by_label.items():
+        extra = differing_keys([dict(key) for key in keys]) if len(keys) > 1 else []
+        for key in keys:
+            values = dict(key)
+            labels[key] = " ".join([label, *(f"{k}={json.loads(values[k]) if k in values else None}" for k in extra)])
+    return labels
+
+
+def frontier_flags(rows: list[dict], axes: list[str], quality: str, prefix: str = "frontier_") -> None:
+    """Mark each row on/off the frontier of each axis, within its setup."""
+    for setup in dict.fromkeys(row["setup"] for row in rows):
+        idx = [i for i, row in enumerate(rows) if row["setup"] == setup]
+        for axis in axes:
+            mask = pareto_mask([rows[i][axis] for i in idx], [rows[i][quality] for i in idx])
             for i, on in zip(idx, mask):
-                rows[i][f"router_frontier_{axis}"] = on
+                rows[i][f"{prefix}{axis}"] = on
+
+
+# ----------------------------------------------------------------------------- the tables
+
+def run_rows(names: dict[Path, str], setups: dict[str, list[Run]], axes: list[str], quality: str) -> list[dict]:
+    """One row per usable run: config keys, cost axes, qualities, and on/off each frontier."""
+    rows = []
+    for setup, members in setups.items():
+        labels = arm_labels(members)
+        for run in members:
+            row = {"run": names[run.path], "label": labels[arm_of(run)],
+                   **{col: run.get(key) for col, key in CONFIG_KEYS.items()}, "setup": setup}
+            row.update({axis: _axis_value(run, axis) for axis in axes})
+            row.update({"params_active": run.cost.get("params_active"), "latency_ms": run.cost.get("latency_ms"),
+                        "timing": run.timing})
+            for key in ("top1", "top1_at_best_val", "val_top1_best", "top5"):
+                row[key] = run.quality.get(key)
+            rows.append(row)
+    frontier_flags(rows, axes, quality)
+    for router in dict.fromkeys(row["router"] for row in rows):  # each router's own frontier
+        own = [row for row in rows if row["router"] == router]
+        frontier_flags(own, axes, quality, prefix="router_frontier_")
     return rows
+
+
+def arm_rows(rows: list[dict], axes: list[str], quality: str) -> list[dict]:
+    """One row per arm (runs sharing everything but the seed): means, spread, frontier on the means."""
+    arms: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        arms.setdefault((row["setup"], row["label"]), []).append(row)
+    out = []
+    for (setup, label), members in arms.items():
+        values = [row[quality] for row in members]
+        arm = {"label": label, "setup": setup, "router": members[0]["router"], "seeds": len(members),
+               "seed_values": sorted(row["seed"] for row in members if row["seed"] is not None),
+               f"{quality}_mean": statistics.fmean(values),
+               f"{quality}_std": statistics.stdev(values) if len(values) > 1 else None,
+               f"{quality}_ci95": ci95_half_width(values)}
+        arm.update({f"{axis}_mean": statistics.fmean(row[axis] for row in members) for axis in axes})
+        arm["runs"] = [row["run"] for row in members]
+        out.append(arm)
+    mean_rows = [{"setup": arm["setup"], quality: arm[f"{quality}_mean"],
+                  **{axis: arm[f"{axis}_mean"] for axis in axes}} for arm in out]
+    frontier_flags(mean_rows, axes, quality)
+    for arm, flags in zip(out, mean_rows):
+        arm.update({key: value for key, value in flags.items() if key.startswith("frontier_")})
+    return out
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -149,66 +401,139 @@ def write_csv(rows: list[dict], path: Path) -> None:
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        for row in rows:
+            writer.writerow({key: ";".join(map(str, value)) if isinstance(value, list) else value
+                             for key, value in row.items()})
     path.write_text(buffer.getvalue())
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+# ----------------------------------------------------------------------------- the plot
+
+def _tick_formatter(unit: str):
+    from matplotlib import ticker
+
+    def fmt(value, _):
+        if value <= 0 and unit != "ms":
+            return "0"
+        return {"flops": lambda v: si(v * 1e9), "count": si, "mb": lambda v: human_mb(v).replace(" ", "\u2009"),
+                "ms": lambda v: f"{v:g}"}[unit](value)
+
+    return ticker.FuncFormatter(fmt)
+
+
+def _arm_styles(arms: list[dict]) -> dict[str, tuple]:
+    """A colour per arm label (the same in every panel) and a marker per router."""
+    import matplotlib
+
+    palette = list(matplotlib.colormaps["tab10"].colors) + list(matplotlib.colormaps["Dark2"].colors) \
+        + list(matplotlib.colormaps["Set1"].colors)
+    labels = sorted(dict.fromkeys(arm["label"] for arm in arms),
+                    key=lambda label: (list(ROUTER_MARKERS).index(label.split()[0]) if label.split()[0]
+                                       in ROUTER_MARKERS else 9, label))
+    routers = {arm["label"]: arm["router"] for arm in arms}
+    return {label: (palette[i % len(palette)], ROUTER_MARKERS.get(routers[label], "P"))
+            for i, label in enumerate(labels)}
+
+
+def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path: Path, title: str) -> None:
+    """One panel per cost axis (and per setup): arm means with 95% error bars, the frontier over
+    the means, every single run faintly behind."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import ticker
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(5 * len(COST_AXES), 4.2), squeeze=False)
-    for ax, (axis, (label, _)) in zip(axes[0], COST_AXES.items()):
-        for router in sorted({row["router"] for row in rows}):
-            pts = [row for row in rows if row["router"] == router]
-            sizes = [30 + 12 * math.log2(max(1, row["experts"] or 1)) for row in pts]
-            ax.scatter([row[axis] for row in pts], [row["top1"] for row in pts], s=sizes, alpha=0.75,
-                       color=COLORS.get(router), label=router, edgecolors="white", linewidths=0.5)
-        front = sorted((row[axis], row["top1"]) for row in rows if row[f"frontier_{axis}"])
-        if front:
-            ax.step([c for c, _ in front], [q for _, q in front], where="post", color="gray", lw=1, ls="--",
-                    label="frontier")
-            ax.scatter([c for c, _ in front], [q for _, q in front], s=160, facecolors="none",
-                       edgecolors="gray", linewidths=1)
-        ax.set_xscale("log")
-        # Within one decade matplotlib labels every minor tick, and the labels overlap: a few plain ones instead.
-        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel(f"{label} (log)")
-        ax.set_ylabel("test top-1")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"{title}: quality vs cost (marker size ~ log2 experts)")
-    fig.tight_layout()
+    setups = list(dict.fromkeys(arm["setup"] for arm in arms))
+    ncols = min(3, len(axes))
+    per_setup = math.ceil(len(axes) / ncols)
+    styles = _arm_styles(arms)
+    legend_rows = math.ceil((len(styles) + 3) / 3)
+    fig, grid = plt.subplots(per_setup * len(setups), ncols, squeeze=False,
+                             figsize=(4.8 * ncols, 3.7 * per_setup * len(setups) + 0.22 * legend_rows + 0.5))
+    quality_name = "test top-1 (%)" if quality == "top1" else f"test top-1 at best val (%)"
+    for s, setup in enumerate(setups):
+        for a, axis in enumerate(axes):
+            ax = grid[s * per_setup + a // ncols][a % ncols]
+            spec = COST_AXES[axis]
+            for row in (r for r in rows if r["setup"] == setup):
+                color, marker = styles[row["label"]]
+                ax.scatter(row[axis], 100 * row[quality], color=color, marker=marker, s=16, alpha=0.25,
+                           linewidths=0, zorder=1)
+            own = [arm for arm in arms if arm["setup"] == setup]
+            for arm in own:
+                color, marker = styles[arm["label"]]
+                ci = arm[f"{quality}_ci95"]
+                ax.errorbar(arm[f"{axis}_mean"], 100 * arm[f"{quality}_mean"],
+                            yerr=None if ci is None else 100 * ci, fmt=marker, color=color, ms=7, capsize=3,
+                            elinewidth=1.2, markeredgecolor="white", markeredgewidth=0.6, zorder=3)
+            front = sorted((arm[f"{axis}_mean"], 100 * arm[f"{quality}_mean"]) for arm in own
+                           if arm[f"frontier_{axis}"])
+            if front:
+                ax.step(*zip(*front), where="post", color="gray", lw=1, ls="--", zorder=2)
+                ax.scatter(*zip(*front), s=170, facecolors="none", edgecolors="gray", linewidths=1, zorder=2)
+            xs = [row[axis] for row in rows if row["setup"] == setup and row[axis] > 0]
+            wide = bool(xs) and max(xs) / min(xs) > 10  # a log axis over a narrow range only hides ticks
+            if wide:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            else:
+                ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
+            ax.xaxis.set_major_formatter(_tick_formatter(spec.unit))
+            ax.set_xlabel(f"{spec.label}{' (log)' if wide else ''}")
+            ax.set_ylabel(quality_name)
+            ax.grid(alpha=0.3)
+            if setup:
+                ax.set_title(setup, fontsize=8)
+        for a in range(len(axes), per_setup * ncols):
+            grid[s * per_setup + a // ncols][a % ncols].set_visible(False)
+    handles = [Line2D([], [], color=color, marker=marker, ls="", ms=7, label=label)
+               for label, (color, marker) in styles.items()]
+    handles += [
+        Line2D([], [], color="gray", marker="o", ls="", ms=4, alpha=0.35, label="single run (one per seed)"),
+        Line2D([], [], color="black", marker="|", ls="", ms=10, label="arm mean, bar = 95% t-interval over seeds"),
+        Line2D([], [], color="gray", ls="--", marker="o", ms=11, markerfacecolor="none",
+               label="frontier over arm means (ringed)"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(f"{title}: quality vs cost")
+    legend_height = (0.22 * legend_rows + 0.15) / fig.get_figheight()
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
     fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: reruns give the same file
     plt.close(fig)
 
 
-def print_table(rows: list[dict], skipped: list[Run]) -> None:
+# ----------------------------------------------------------------------------- the terminal
+
+def print_tables(arms: list[dict], axes: list[str], quality: str, skipped: list[tuple[Run, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="runs (* = on the all-router frontier for that cost)")
-    for col in ("run", "label", "top1", "GFLOPs/img", "infer ms/img", "params", "train ms/img"):
-        table.add_column(col, justify="left" if col in ("run", "label") else "right")
-    for row in sorted(rows, key=lambda r: (-r["top1"], r["run"])):
-        cells = []
-        for axis, fmt in (("gflops_per_image", "{:.4g}"), ("infer_ms_per_image", "{:.3g}"),
-                          ("params_total", "{:,}"), ("train_ms_per_image", "{:.3g}")):
-            cells.append(fmt.format(row[axis]) + (" *" if row[f"frontier_{axis}"] else "  "))
-        table.add_row(row["run"], row["label"], f"{row['top1']:.4f}", *cells)
-    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes: no 80-column wrap
-    console.print(table)
-    for run in skipped:
-        console.print(f"skipped {run.path} ({run.status}{': ' + run.error if run.error else ''})", soft_wrap=True)
+    console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes: no 80-column wrap
+    for setup in dict.fromkeys(arm["setup"] for arm in arms):
+        title = "arms (mean over seeds ± 95% t-interval; * = on the frontier of arm means for that cost)"
+        table = Table(title=f"{setup}: {title}" if setup else title, title_justify="left")
+        table.add_column("arm", overflow="fold")
+        table.add_column("seeds", justify="right")
+        table.add_column("top-1" if quality == "top1" else quality, justify="right", no_wrap=True)
+        for axis in axes:
+            table.add_column(COST_AXES[axis].label, justify="right")
+        own = sorted((arm for arm in arms if arm["setup"] == setup), key=lambda a: (-a[f"{quality}_mean"], a["label"]))
+        for arm in own:
+            cells = [human(arm[f"{axis}_mean"], COST_AXES[axis].unit) + (" *" if arm[f"frontier_{axis}"] else "  ")
+                     for axis in axes]
+            table.add_row(arm["label"], str(arm["seeds"]),
+                          human_percent(arm[f"{quality}_mean"], arm[f"{quality}_ci95"]), *cells)
+        console.print(table)
+    for run, reason in skipped:  # whole paths: one per line, never wrapped or cut
+        console.print(f"not on a frontier: {run.path} ({reason}{': ' + run.error if run.error else ''})",
+                      soft_wrap=True, markup=False, highlight=False)
 
 
-def log_wandb(rows: list[dict], png: Path, wandb_cfg: dict, run_dir: Path) -> str | None:
-    """One W&B run (job_type pareto) with a table of all runs, a scatter per cost axis and the PNG."""
+def log_wandb(rows: list[dict], arms: list[dict], png: Path, wandb_cfg: dict, run_dir: Path) -> str | None:
+    """One W&B run (job_type pareto) with tables of runs and arms, a scatter per cost axis and the PNG."""
     if not wandb_cfg or wandb_cfg.get("mode", "disabled") == "disabled":
         return None
     import wandb
@@ -219,39 +544,73 @@ def log_wandb(rows: list[dict], png: Path, wandb_cfg: dict, run_dir: Path) -> st
         mode=wandb_cfg["mode"], reinit="finish_previous",
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True),
     )
-    columns = list(rows[0]) if rows else []
-    table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-    charts = {f"pareto/top1_vs_{axis}": wandb.plot.scatter(table, axis, "top1", title=f"top-1 vs {label}")
-              for axis, (label, _) in COST_AXES.items()}
-    run.log({"pareto/runs": table, **charts, "pareto/plot": wandb.Image(str(png))})
+
+    def table(records: list[dict]):
+        columns = list(records[0]) if records else []
+        return wandb.Table(columns=columns, data=[[str(r[c]) if isinstance(r[c], list) else r[c] for c in columns]
+                                                  for r in records])
+
+    runs_table = table(rows)
+    axes = [axis for axis in COST_AXES if rows and axis in rows[0]]
+    charts = {f"pareto/top1_vs_{axis}": wandb.plot.scatter(runs_table, axis, "top1", title=f"top-1 vs {COST_AXES[axis].label}")
+              for axis in axes}
+    run.log({"pareto/runs": runs_table, "pareto/arms": table(arms), **charts, "pareto/plot": wandb.Image(str(png))})
     run_id = run.id
     run.finish()
     return run_id
 
 
-def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None = None, show: bool = True) -> dict:
-    """Find the runs, compute the frontiers, write pareto.csv/.json/.png to ``out_dir``."""
+# ----------------------------------------------------------------------------- putting it together
+
+def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None = None, show: bool = True,
+              allow_mixed: bool = False, quality: str = QUALITY) -> dict:
+    """Find the runs, group them into setups and arms, compute the frontiers, write
+    pareto.csv (runs), pareto_arms.csv, pareto.json and pareto.png to ``out_dir``."""
     runs = find_runs(paths)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(os.path.commonpath([Path(p).resolve() for p in paths]))  # run names relative to it
-    rows = frontier_rows(runs, root)
-    skipped = [run for run in runs if not usable(run)]
+    names = {run.path: str(run.path.relative_to(root)) if run.path.is_relative_to(root) and run.path != root
+             else str(run.path) for run in runs}
+    skipped = [(run, why_unusable(run, quality)) for run in runs if not usable(run, quality)]
+    done = [run for run in runs if usable(run, quality)]
+    setups = split_setups(done, names, allow_mixed)  # refuses mixed setups before anything is written
+    axes = [axis for axis in COST_AXES if axis in REQUIRED_AXES or all(_axis_value(r, axis) for r in done)]
+    rows = run_rows(names, setups, axes, quality)
+    arms = arm_rows(rows, axes, quality)
+    measured = sum(run.timing == "measured" for run in done)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {name: (out_dir / name).resolve() for name in ("pareto.csv", "pareto_arms.csv", "pareto.json", "pareto.png")}
     summary = {
-        "quality": QUALITY,
-        "cost_axes": list(COST_AXES),
+        "quality": quality,
+        "cost_axes": axes,
+        "timing": {"measured": measured, "training": len(done) - measured},
+        "setups": [{"name": name, "runs": len(members)} for name, members in setups.items()],
+        "arms": arms,
         "runs": rows,
-        "skipped": [{"run": str(r.path), "status": r.status, "error": r.error} for r in skipped],
+        "skipped": [{"run": str(run.path), "status": reason, "error": run.error} for run, reason in skipped],
     }
-    atomic_write_json(out_dir / "pareto.json", summary)
-    write_csv(rows, out_dir / "pareto.csv")
+    atomic_write_json(files["pareto.json"], summary)
+    write_csv(rows, files["pareto.csv"])
+    write_csv(arms, files["pareto_arms.csv"])
     if rows:
-        plot(rows, out_dir / "pareto.png", title=out_dir.name)
+        plot(rows, arms, axes, quality, files["pareto.png"], title=out_dir.resolve().name)
     if show:
-        print_table(rows, skipped)
+        if measured:
+            print(f"timings from `moebench measure` (cost_measured) for {measured} of {len(done)} runs"
+                  + ("" if measured == len(done) else "; the others from training (not comparable: re-measure them)"))
+        print_tables(arms, axes, quality, skipped)
     if rows:
-        summary["wandb_run_id"] = log_wandb(rows, out_dir / "pareto.png", wandb_cfg or {}, out_dir)
+        summary["wandb_run_id"] = log_wandb(rows, arms, files["pareto.png"], wandb_cfg or {}, out_dir)
+    summary["files"] = {name: str(path) for name, path in files.items() if path.exists()}
     return summary
+
+
+def print_files(summary: dict) -> None:
+    """The result files, as whole paths."""
+    runs, arms, skipped = len(summary["runs"]), len(summary["arms"]), len(summary["skipped"])
+    print(f"{runs} runs in {arms} arms, {skipped} not on a frontier ->")
+    for path in summary["files"].values():
+        print(f"  {path}")
 
 
 class ParetoCallback(Callback):
@@ -265,12 +624,13 @@ class ParetoCallback(Callback):
                      "group": config.wandb.group or sweep_dir.name}
         from .train import FAILED_JOBS  # the exit code of `moebench train -m`
 
-        try:
-            summary = aggregate([sweep_dir], sweep_dir, wandb_cfg=wandb_cfg)
+        try:  # a sweep over lr or data is a legitimate sweep: one frontier per setup
+            summary = aggregate([sweep_dir], sweep_dir, wandb_cfg=wandb_cfg, allow_mixed=True)
         except ParetoError as err:  # every job failed before writing anything: say so, don't crash
             print(f"moebench: pareto: {err}")
             FAILED_JOBS.append(str(sweep_dir))
             return
+        print_files(summary)
         # Launchers that run jobs in other processes (joblib, submitit) report failures only on disk.
         FAILED_JOBS.extend(s["run"] for s in summary["skipped"] if s["status"] in ("failed", "unfinished"))
 
@@ -281,6 +641,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moebench pareto", description="Cost/quality Pareto frontier of runs.")
     parser.add_argument("paths", nargs="+", help="sweep dirs and/or run dirs (several are combined)")
     parser.add_argument("--out", type=Path, help="where to write pareto.*; default: the path if only one")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="runs of different setups (data, model, schedule): one frontier per setup")
+    parser.add_argument("--quality", default=QUALITY, choices=QUALITIES,
+                        help="quality axis: final model's test top-1, or test top-1 at the best validation epoch")
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
     parser.add_argument("--wandb-project", default="moebench")
     parser.add_argument("--wandb-group", default=None)
@@ -288,9 +652,9 @@ def main(argv: list[str]) -> int:
     out = args.out or (Path(args.paths[0]) if len(args.paths) == 1 else Path("pareto"))
     wandb_cfg = {"mode": args.wandb_mode, "project": args.wandb_project, "group": args.wandb_group or out.name}
     try:
-        summary = aggregate(args.paths, out, wandb_cfg=wandb_cfg)
+        summary = aggregate(args.paths, out, wandb_cfg=wandb_cfg, allow_mixed=args.allow_mixed, quality=args.quality)
     except ParetoError as err:
         print(f"moebench: error: {err}", file=sys.stderr)
         return 2
-    print(f"{len(summary['runs'])} runs, {len(summary['skipped'])} skipped -> {out}/pareto.csv, pareto.json, pareto.png")
+    print_files(summary)
     return 0

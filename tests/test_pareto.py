@@ -7,7 +7,8 @@ import json
 import pytest
 from pathlib import Path
 
-from moebench.pareto import aggregate, pareto_mask
+from moebench.pareto import ParetoError, aggregate, ci95_half_width, human_flops, human_mb, human_percent
+from moebench.pareto import pareto_mask, si, t_quantile
 from moebench.tracking import atomic_write_json
 
 from test_cli import moebench
@@ -26,20 +27,28 @@ def test_equal_cost_keeps_only_the_better_and_equal_quality_only_the_cheaper():
     assert pareto_mask([], []) == []
 
 
-def fake_run(root: Path, name: str, router: str, top1: float, gflops: float, status: str = "completed") -> None:
+def fake_run(root: Path, name: str, router: str, top1: float, gflops: float, status: str = "completed", *,
+             seed: int = 0, lr: float = 0.003, router_extra: dict | None = None, cost_extra: dict | None = None,
+             loss: float = 1.0, measured: dict | None = None) -> Path:
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     if status == "unfinished":
-        return
-    atomic_write_json(run / "result.json", {
+        return run
+    record = {
         "status": status,
         "config": {"router": {"name": router, "num_experts": 8, "k": 1, "capacity_factor": 1.0, "bpr": True,
-                              "slots_per_expert": 1, "dispatch": "soft", "combine": "soft"},
-                   "model": {"name": "tiny"}, "data": {"name": "digits"}, "seed": 0},
+                              "slots_per_expert": 1, "dispatch": "soft", "combine": "soft", **(router_extra or {})},
+                   "model": {"name": "tiny", "dim": 64}, "data": {"name": "digits", "root": f"/data/{name}"},
+                   "train": {"lr": lr, "epochs": 3, "log_every": 20}, "seed": seed,
+                   "wandb": {"name": name}, "experts": 8},
         "cost": {"gflops_per_image": gflops, "infer_ms_per_image": gflops * 10, "params_total": 1000,
-                 "params_active": 500, "train_images_per_s": 100.0 / gflops},
-        "quality": {"top1": top1, "top1_best": top1, "loss": 1.0},
-    } if status == "completed" else {"status": status, "error": "boom", "config": {}})
+                 "params_active": 500, "train_images_per_s": 100.0 / gflops, **(cost_extra or {})},
+        "quality": {"top1": top1, "top1_best": top1, "loss": loss},
+    } if status == "completed" else {"status": status, "error": "boom", "config": {}}
+    if measured:
+        record["cost_measured"] = measured
+    atomic_write_json(run / "result.json", record)
+    return run
 
 
 def test_aggregate_marks_frontiers_skips_unfinished_and_is_repeatable(tmp_path):
@@ -58,6 +67,7 @@ def test_aggregate_marks_frontiers_skips_unfinished_and_is_repeatable(tmp_path):
     assert sorted((s["status"] for s in summary["skipped"])) == ["failed", "unfinished"]
     files = {name: (sweep / name).read_bytes() for name in ("pareto.csv", "pareto.json", "pareto.png")}
     assert files["pareto.csv"].decode().splitlines()[0].startswith("run,label,router,experts")
+    assert (sweep / "pareto_arms.csv").read_text().splitlines()[0].startswith("label,setup,router,seeds")
     aggregate([sweep], sweep, show=False)
     assert {name: (sweep / name).read_bytes() for name in files} == files  # same files again
 
@@ -68,6 +78,10 @@ def test_sweep_callback_and_command_with_a_failing_job(tmp_path):
                     "wandb.mode=offline", f"hydra.sweep.dir={sweep}")
     assert proc.returncode != 0  # one job failed...
     assert "Traceback" not in proc.stdout + proc.stderr
+    tail = proc.stdout[proc.stdout.rindex("arms (mean over seeds"):]  # the sweep ends with the frontier table
+    assert "tokens_choice E4 k2 C1.0" in tail and "%" in tail
+    for name in ("pareto.csv", "pareto_arms.csv", "pareto.json", "pareto.png"):
+        assert f"  {(sweep / name).resolve()}\n" in tail  # whole paths, one per line
     data = json.loads((sweep / "pareto.json").read_text())  # ...and the callback aggregated the others
     assert len(data["runs"]) == 2 and [s["status"] for s in data["skipped"]] == ["failed"]
     assert (sweep / "pareto.png").stat().st_size > 0 and (sweep / "pareto.csv").exists()
@@ -78,9 +92,98 @@ def test_sweep_callback_and_command_with_a_failing_job(tmp_path):
     proc = moebench("pareto", str(sweep), "--out", str(out), "--wandb-mode", "disabled")
     assert proc.returncode == 0, proc.stderr
     assert (out / "pareto.csv").read_text() == (sweep / "pareto.csv").read_text()
-    assert "skipped" in proc.stdout and "k (router.k)" in proc.stdout
+    assert "not on a frontier" in proc.stdout and "k (router.k)" in proc.stdout
 
 
 def test_pareto_command_on_a_missing_path_is_one_line(tmp_path):
     proc = moebench("pareto", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "no such run or sweep directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_t_quantiles_match_the_tables():
+    for df, expected in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (29, 2.045), (120, 1.980)):
+        assert t_quantile(0.95, df) == pytest.approx(expected, abs=1e-3), df
+    assert t_quantile(0.99, 5) == pytest.approx(4.032, abs=1e-3)
+    assert ci95_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.3027 / 3**0.5, rel=1e-4)  # std 1, n 3
+    assert ci95_half_width([0.5]) is None
+
+
+def test_numbers_for_humans():
+    assert [si(1_000_000), si(207_946), si(12), si(2.5e9)] == ["1M", "208k", "12", "2.5G"]
+    assert human_flops(0.0297) == "29.7 MFLOPs" and human_flops(1.5) == "1.5 GFLOPs" and human_flops(4e-7) == "400 FLOPs"
+    assert human_mb(12.345) == "12.3 MB" and human_mb(3072) == "3 GB"
+    assert human_percent(0.94171) == "94.17%" and human_percent(0.5, 0.0123) == "50.00 ± 1.23%"
+
+
+def test_seeds_of_one_config_form_an_arm_with_a_t_interval(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed, top1 in enumerate((0.80, 0.82, 0.84)):  # soft: mean 0.82, std 0.02
+        fake_run(sweep, f"soft{seed}", "soft", top1, 1.0 + 0.01 * seed, seed=seed)
+    for seed, top1 in enumerate((0.70, 0.90)):  # dense: one lucky seed beats every soft run...
+        fake_run(sweep, f"dense{seed}", "dense", top1, 1.0, seed=seed)
+    fake_run(sweep, "tc0", "tokens_choice", 0.5, 3.0)
+    fake_run(sweep, "nan", "soft", 0.1, 0.5, loss=float("nan"), seed=7)  # diverged: never on a frontier
+    summary = aggregate([sweep], sweep, show=False)
+    arms = {arm["label"]: arm for arm in summary["arms"]}
+    assert set(arms) == {"soft E8 p1", "dense", "tokens_choice E8 k1 C1.0"}
+    soft, dense, tc = arms["soft E8 p1"], arms["dense"], arms["tokens_choice E8 k1 C1.0"]
+    assert soft["seeds"] == 3 and soft["seed_values"] == [0, 1, 2] and len(soft["runs"]) == 3
+    assert soft["top1_mean"] == pytest.approx(0.82) and soft["top1_std"] == pytest.approx(0.02)
+    assert soft["top1_ci95"] == pytest.approx(4.3027 * 0.02 / 3**0.5, rel=1e-4)
+    assert soft["gflops_per_image_mean"] == pytest.approx(1.01)
+    assert dense["top1_mean"] == pytest.approx(0.80) and dense["top1_ci95"] == pytest.approx(12.706 * 0.1414 / 2**0.5, rel=1e-3)
+    assert tc["seeds"] == 1 and tc["top1_std"] is None and tc["top1_ci95"] is None
+    # ...but over the means soft (0.82) is better than dense (0.80), so both are on the arm frontier
+    # (dense is cheaper) and tokens_choice (worse and dearer) is not.
+    assert (soft["frontier_gflops_per_image"], dense["frontier_gflops_per_image"], tc["frontier_gflops_per_image"]) \
+        == (True, True, False)
+    runs = {row["run"]: row for row in summary["runs"]}
+    assert runs["dense1"]["frontier_gflops_per_image"]
+    assert not any(runs[f"soft{seed}"]["frontier_gflops_per_image"] for seed in range(3))  # per run: all beaten
+    assert "nan" not in runs and [(s["run"], s["status"]) for s in summary["skipped"]] == [(str((sweep / "nan").resolve()), "diverged")]
+    arms_csv = (sweep / "pareto_arms.csv").read_text().splitlines()
+    assert len(arms_csv) == 4 and "top1_ci95" in arms_csv[0].split(",")
+    on_disk = json.loads((sweep / "pareto.json").read_text())
+    assert on_disk["arms"] == json.loads(json.dumps(summary["arms"]))
+
+
+def test_arms_that_share_a_router_label_are_told_apart_by_the_key_that_differs(tmp_path):
+    fake_run(tmp_path, "a", "experts_choice", 0.8, 1.0, router_extra={"group_size": 1})
+    fake_run(tmp_path, "b", "experts_choice", 0.7, 1.0, router_extra={"group_size": 8})
+    labels = sorted(arm["label"] for arm in aggregate([tmp_path], tmp_path, show=False)["arms"])
+    assert labels == ["experts_choice E8 C1.0 router.group_size=1", "experts_choice E8 C1.0 router.group_size=8"]
+
+
+def test_different_setups_are_refused_naming_the_key_or_split_when_allowed(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "a", "soft", 0.8, 1.0, lr=0.003)
+    fake_run(sweep, "b", "soft", 0.6, 1.0, lr=0.001)
+    fake_run(sweep, "c", "dense", 0.7, 2.0, lr=0.001)
+    with pytest.raises(ParetoError, match=r"runs differ in train\.lr \(0\.003 in a, 0\.001 in b\).*--allow-mixed"):
+        aggregate([sweep], sweep, show=False)
+    assert not (sweep / "pareto.json").exists()  # nothing half-written
+    summary = aggregate([sweep], sweep, show=False, allow_mixed=True)
+    assert [s["name"] for s in summary["setups"]] == ["train.lr=0.003", "train.lr=0.001"]
+    flags = {row["run"]: row["frontier_gflops_per_image"] for row in summary["runs"]}
+    assert flags == {"a": True, "b": True, "c": True}  # b is worse than a, but on another frontier
+    assert (sweep / "pareto.png").stat().st_size > 0
+
+    proc = moebench("pareto", str(sweep), "--wandb-mode", "disabled")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "train.lr" in proc.stderr
+
+
+def test_quiet_re_timings_replace_the_training_ones_and_memory_joins_the_axes(tmp_path):
+    memory = {"train_peak_mb": 10.0, "infer_peak_mb": 2.0}
+    fake_run(tmp_path, "a", "soft", 0.8, 1.0, cost_extra=memory,
+             measured={"infer_ms_per_image": 0.25, "latency_ms": 1.5, "date": "2026-11-25", "rounds": 5})
+    fake_run(tmp_path, "b", "dense", 0.7, 0.5, cost_extra={"train_peak_mb": 4.0, "infer_peak_mb": 1.0})
+    summary = aggregate([tmp_path], tmp_path, show=False)
+    rows = {row["run"]: row for row in summary["runs"]}
+    assert rows["a"]["infer_ms_per_image"] == 0.25 and rows["a"]["timing"] == "measured"
+    assert rows["b"]["infer_ms_per_image"] == 5.0 and rows["b"]["timing"] == "training"
+    assert summary["timing"] == {"measured": 1, "training": 1}
+    assert {"train_peak_mb", "infer_peak_mb"} <= set(summary["cost_axes"])
+    assert rows["b"]["frontier_train_peak_mb"] and rows["a"]["frontier_train_peak_mb"]
+    fake_run(tmp_path / "old", "c", "dense", 0.7, 0.5)  # an older record without memory: the axis is left out
+    assert "train_peak_mb" not in aggregate([tmp_path], tmp_path / "out", show=False)["cost_axes"]
