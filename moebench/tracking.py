@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -123,3 +124,37 @@ class RunRecorder:
 
     def __exit__(self, exc_type, *_) -> None:
         self.finish(exit_code=0 if exc_type is None else 1)
+
+
+# ----------------------------------------------------------------------------- W&B names
+
+CLOCK_STAMP = re.compile(r"\d{2}-\d{2}-\d{2}")  # the last part of the default sweep dir: HH-MM-SS
+NAME_NOISE = ("wandb.", "hydra.", "hydra/")  # overrides that say how a run is logged or launched, not what runs
+
+
+def sweep_group(sweep_dir: str | Path) -> str:
+    """W&B group of a sweep: its dir name, with the date in front when that name is only a
+    clock time (multirun/2026-11-25/15-20-32 -> 2026-11-25_15-20-32): sweeps started at the
+    same time on different days must not share a group."""
+    path = Path(sweep_dir)
+    if CLOCK_STAMP.fullmatch(path.name) and path.parent.name:
+        return f"{path.parent.name}_{path.name}"
+    return path.name
+
+
+def run_name(overrides: list[str], exclude_keys=()) -> str:
+    """W&B run name: the user's overrides as given, without W&B and Hydra settings and without
+    the keys left out of run dir names (paths such as data.root)."""
+    excluded = set(exclude_keys)
+    kept = [override for override in overrides
+            if not (key := override.lstrip("+~").split("=", 1)[0]).startswith(NAME_NOISE) and key not in excluded]
+    return ",".join(kept) or "default"
+
+
+def runs_wandb_mode(configs: list[dict]) -> str:
+    """The W&B mode that matches runs' own: disabled when none logged to W&B (aggregating
+    them must not create a W&B run), online when all were online, else offline."""
+    modes = {(config.get("wandb") or {}).get("mode") or "disabled" for config in configs}
+    if modes <= {"disabled"}:
+        return "disabled"
+    return "online" if modes == {"online"} else "offline"

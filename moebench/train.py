@@ -31,8 +31,8 @@ from .errors import CheckpointError, ConfigError, UserError
 from .moe import DenseMLP, ExpertsChoiceMoE, MoELayer, SoftMoE, TokensChoiceMoE, collect_aux_loss, collect_metrics
 from .moe import count_parameters, expert_parallel_parameters, shard_experts
 from .moe.decay import weight_decay_split
-from .progress import TrainProgress, print_summary
-from .tracking import RunRecorder, atomic_torch_save
+from .progress import TrainProgress, announce_run, print_summary
+from .tracking import RunRecorder, atomic_torch_save, run_name, sweep_group
 from .vit import ViT, moe_block_indices
 
 log = logging.getLogger("moebench")
@@ -294,7 +294,8 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
         check_resume_config(ckpt["config"], cfg, ckpt_file)
         run_dir = ckpt_file.parent
         state["run_dir"] = run_dir
-        log.info("resuming %s from epoch %d", run_dir, ckpt["epoch"])
+    if ranks.is_main:
+        announce_run(run_dir, resumed_epoch=ckpt["epoch"] if ckpt is not None else None)
 
     d = cfg.data
     data = load_data(
@@ -429,9 +430,9 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
                 recorder.log({"epoch": epoch + 1, **{f"test/{k}": v for k, v in last_eval.items()},
                               **{f"val/{k}": v for k, v in val_eval.items()}}, step=step)
             epochs_done = epoch + 1
-            progress.end_epoch(epochs_done, last_eval["top1"])
-            log.info("epoch %d/%d: test top1 %.4f, loss %.4f", epoch + 1, cfg.train.epochs,
-                     last_eval["top1"], last_eval["loss"])
+            timing = progress.end_epoch(epochs_done, last_eval["top1"])
+            log.info("epoch %d/%d: test top1 %.2f%%, loss %.4f, %s", epoch + 1, cfg.train.epochs,
+                     100 * last_eval["top1"], last_eval["loss"], timing)
             if cfg.train.save_checkpoints:
                 save_checkpoint(run_dir, is_best and cfg.train.save_best, ranks, {
                     "model": model.state_dict(),  # collectives under expert parallelism: every rank calls them
@@ -548,11 +549,11 @@ def previous_result(cfg: DictConfig, run_dir: Path) -> dict | None:
 
 
 def wandb_settings(cfg: DictConfig) -> dict:
-    """W&B run identity: group = sweep name under -m, name = the overrides."""
+    """W&B run identity: group = the sweep (dated) under -m, name = the user's overrides."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    group = cfg.wandb.group or (Path(hc.sweep.dir).name if multirun else None)
-    name = cfg.wandb.name or hc.job.override_dirname or "default"
+    group = cfg.wandb.group or (sweep_group(hc.sweep.dir) if multirun else None)
+    name = cfg.wandb.name or run_name(list(hc.overrides.task), hc.job.config.override_dirname.exclude_keys)
     tags = [cfg.router.name, cfg.data.name, *cfg.wandb.tags]
     return {"mode": cfg.wandb.mode, "project": cfg.wandb.project, "entity": cfg.wandb.entity,
             "group": group, "name": name, "tags": tags, "job_type": "train"}
