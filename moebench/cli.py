@@ -13,13 +13,15 @@ commands:
            -m/--multirun sweeps, --cfg job, --help, experiment=NAME)
   pareto   cost/quality Pareto frontier of sweep or run dirs (pareto.csv/.json/.png)
   bench    time each router's forward+backward as a ratio to the dense MLP
+  inspect  pictures of what a trained run's routers do (RUN_DIR/inspect/index.md)
+  probe    few-shot linear probe on a trained run's frozen features (result.json probe.*)
 
 Examples:
   moebench train router=soft experts=128
   moebench train -m router=soft,tokens_choice,experts_choice,dense experts=8,32
 """
 
-COMMANDS = ("train", "pareto", "bench")
+COMMANDS = ("train", "pareto", "bench", "inspect", "probe")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import main as bench_main
 
             return bench_main(args)
+        if command == "inspect":
+            from .inspection import main as inspect_main
+
+            return inspect_main(args)
+        if command == "probe":
+            from .probe import main as probe_main
+
+            return probe_main(args)
     except KeyboardInterrupt:
         print("moebench: interrupted", file=sys.stderr)
         return 130
