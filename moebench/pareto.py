@@ -30,8 +30,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from . import distributed
-from .tracking import atomic_write_json
+from . import distributed, report
+from .tracking import atomic_write_json, sweep_group
 
 QUALITY = "top1"  # the final model's test top-1
 QUALITIES = ("top1", "top1_at_best_val")
@@ -621,7 +621,7 @@ class ParetoCallback(Callback):
         if not sweep_dir.exists() or not distributed.current().is_main:  # under torchrun, rank 0 aggregates
             return
         wandb_cfg = {"mode": config.wandb.mode, "project": config.wandb.project, "entity": config.wandb.entity,
-                     "group": config.wandb.group or sweep_dir.name}
+                     "group": config.wandb.group or sweep_group(sweep_dir)}  # the training runs' group
         from .train import FAILED_JOBS  # the exit code of `moebench train -m`
 
         try:  # a sweep over lr or data is a legitimate sweep: one frontier per setup
@@ -645,16 +645,20 @@ def main(argv: list[str]) -> int:
                         help="runs of different setups (data, model, schedule): one frontier per setup")
     parser.add_argument("--quality", default=QUALITY, choices=QUALITIES,
                         help="quality axis: final model's test top-1, or test top-1 at the best validation epoch")
-    parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
-    parser.add_argument("--wandb-project", default="moebench")
-    parser.add_argument("--wandb-group", default=None)
+    parser.add_argument("--wandb-mode", default=None, choices=["offline", "online", "disabled"],
+                        help="default: as the runs were logged (disabled when none of them used W&B)")
+    parser.add_argument("--wandb-project", default=None, help="default: the runs' project")
+    parser.add_argument("--wandb-group", default=None, help="default: the sweep's group")
+    parser.add_argument("--wandb-report", action="store_true",
+                        help="also save a W&B report of the runs (W&B online; pip install 'moebench[report]')")
     args = parser.parse_args(argv)
     out = args.out or (Path(args.paths[0]) if len(args.paths) == 1 else Path("pareto"))
-    wandb_cfg = {"mode": args.wandb_mode, "project": args.wandb_project, "group": args.wandb_group or out.name}
+    wandb_cfg = report.pareto_wandb_cfg(args.paths, out, mode=args.wandb_mode, project=args.wandb_project,
+                                        group=args.wandb_group)
     try:
         summary = aggregate(args.paths, out, wandb_cfg=wandb_cfg, allow_mixed=args.allow_mixed, quality=args.quality)
     except ParetoError as err:
         print(f"moebench: error: {err}", file=sys.stderr)
         return 2
     print_files(summary)
-    return 0
+    return report.main(args.paths, out, wandb_cfg) if args.wandb_report else 0
