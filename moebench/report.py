@@ -116,24 +116,29 @@ def build_report(spec: dict):
         import wandb_workspaces.reports.v2 as wr
     except ImportError:
         raise ReportError("--wandb-report needs the wandb-workspaces package: pip install 'moebench[report]'") from None
+    kwargs = {"entity": spec["entity"]} if spec["entity"] else {}  # else W&B's default entity (online)
+    report = wr.Report(project=spec["project"], title=spec["title"], description=spec["description"], **kwargs)
     ids = ", ".join(f"'{run_id}'" for run_id in spec["run_ids"])
-    runset = wr.Runset(entity=spec["entity"], project=spec["project"], name="sweep",
+    runset = wr.Runset(entity=report.entity, project=spec["project"], name="sweep",
                        filters=f"ID in [{ids}]", groupby=[spec["group_by"]])
     panels = [wr.ScatterPlot(title=p["title"], x=wr.SummaryMetric(p["x"]), y=wr.SummaryMetric(p["y"]),
                              log_x=p["log_x"], layout=wr.Layout(x=12 * (i % 2), y=8 * (i // 2), w=12, h=8))
               for i, p in enumerate(spec["panels"])]
-    kwargs = {"entity": spec["entity"]} if spec["entity"] else {}  # else W&B's default entity (online)
-    return wr.Report(project=spec["project"], title=spec["title"], description=spec["description"], **kwargs,
-                     blocks=[wr.P(spec["notes"]), wr.PanelGrid(runsets=[runset], panels=panels)])
+    report.blocks = [wr.P(spec["notes"]), wr.PanelGrid(runsets=[runset], panels=panels)]
+    return report
 
 
 def save_report(spec: dict) -> str:
-    report = build_report(spec)
+    """Save the report to W&B; returns its URL."""
     try:
+        report = build_report(spec)  # without an entity, asks W&B for the default one
         report.save()
-    except Exception as err:  # auth, network, permissions: W&B's own message, on one line
-        raise ReportError(f"could not save the W&B report: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-    return report.url
+        return report.url
+    except ReportError:
+        raise
+    except Exception as err:  # not logged in, network, permissions: W&B's own message, on one line
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ReportError(f"could not save the W&B report: {first}") from None
 
 
 def main(paths: list[str | Path], out: Path, wandb_cfg: dict) -> int:
