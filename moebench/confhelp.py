@@ -34,7 +34,7 @@ def split_comment(line: str) -> tuple[str, str]:
 def parse_yaml_comments(text: str) -> dict:
     """What the comments of one conf/ file say.
 
-    Returns ``{"description": first comment line, "keys": {dotted key: comment},
+    Returns ``{"description": the leading comment's first sentence, "keys": {dotted key: comment},
     "defaults": [(entry, comment), ...]}``; keys keep the file's order.
     """
     description, keys, defaults = "", {}, []
@@ -77,7 +77,7 @@ def parse_yaml_comments(text: str) -> dict:
 
 
 def group_docs(conf: Path, root: dict) -> dict[str, dict]:
-    """{group: {"comment": ..., "options": {option: first comment line}}} for the groups a user picks from."""
+    """{group: {"comment": ..., "options": {option: its description}}} for the groups a user picks from."""
     comments = dict(EXTRA_GROUPS)
     for entry, comment in root["defaults"]:
         group = entry.removeprefix("override ").partition(":")[0].strip()
@@ -134,18 +134,18 @@ def help_text(conf: Path, cfg: dict, choices: dict[str, str | None]) -> str:
     out = [
         "moebench train: train, evaluate and measure one model (a Hydra app).",
         "",
-        "  moebench train [group=option ...] [key=value ...]        one run",
-        "  moebench train -m key=a,b [key=c,d ...]                   a sweep: one run per combination",
-        "  moebench train [overrides] --help                         this text, for those overrides",
+        "  moebench train [group=option ...] [key=value ...]   one run",
+        "  moebench train -m key=a,b [key=c,d ...]             a sweep: one run per combination",
+        "  moebench train [overrides] --help                   this text, for those overrides",
         "",
         "Groups (group=option; > marks the current choice):",
     ]
     for group, doc in groups.items():
         out.append(f"  {group}: {doc['comment']}" if doc["comment"] else f"  {group}:")
-        chosen = choices.get(group)
+        chosen, width = choices.get(group), max(map(len, doc["options"]), default=0)
         for option, description in doc["options"].items():
             mark = ">" if option == chosen else " "
-            out.append(f"  {mark} {group}={option:<{max(map(len, doc['options']))}}  {description}".rstrip())
+            out.append(f"  {mark} {group}={option:<{width}}  {description}".rstrip())
     out += ["", "Keys (key=value, shown with their current values; defaults in conf/train.yaml):"]
     out += key_lines(root["keys"], cfg)
     for group in ("model", "router", "data"):  # groups whose options fill a section of the same name
