@@ -1,15 +1,37 @@
-"""Measured cost of a model: FLOPs per image, inference speed, training throughput, memory."""
+"""Measured cost of a model: FLOPs per image, inference speed, training throughput, memory.
+
+Memory of the model (``train_peak_mb``, ``infer_peak_mb``): the peak of the bytes
+held by live tensor storages while the model runs one step, counting its
+parameters, buffers, the input batch, and every tensor the step creates
+(activations, temporaries, gradients, optimizer state); for training the step is
+forward, cross-entropy, backward and an AdamW step, taken in the steady state (the
+second step, when gradients and optimizer state exist), on a copy of the model.
+It leaves out what is not the model's: the dataset, the Python heap, freed memory
+the allocator keeps. So it is the same for the same model and batch, whatever ran
+before, and differs between routers where their tensors differ. On CUDA it is
+``max_memory_allocated`` around the same step; on CPU a TorchDispatchMode sees every
+tensor an operator returns and a weak reference tells when its storage is freed.
+Always measured eagerly (no torch.compile), in the run's precision.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import resource
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .allocator import release_free_memory
 
@@ -44,24 +66,169 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_inference(model: torch.nn.Module, example: torch.Tensor, *, warmup: int = 3, repeats: int = 10) -> dict:
-    """Median inference time of ``repeats`` forward calls on a fixed batch, after ``warmup`` calls."""
+# ----------------------------------------------------------------------------- timing
+
+# Warm-up before timing: lazy kernel selection, allocator growth and (compiled models) compilation
+# make the first calls slow, most of all in the first job of a sweep. Calls go on until two
+# consecutive ones agree within WARMUP_TOLERANCE and WARMUP_MIN_S has passed (at most WARMUP_MAX_S).
+WARMUP_MIN_S = 0.3
+WARMUP_TOLERANCE = 0.1
+WARMUP_MAX_S = 10.0
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The autocast context a run with ``precision`` (fp32, bf16) trains and is timed in."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, the device work included."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def warm_up(fn: Callable[[], object], device: torch.device, *, min_calls: int = 1, min_seconds: float = WARMUP_MIN_S,
+            tolerance: float = WARMUP_TOLERANCE, max_seconds: float = WARMUP_MAX_S, time_call=timed) -> int:
+    """Call ``fn`` until its time has settled; returns the number of calls."""
+    elapsed, calls, last = 0.0, 0, None
+    while True:
+        took = time_call(fn, device)
+        calls += 1
+        elapsed += took
+        settled = last is not None and abs(took - last) <= tolerance * max(took, last)
+        last = took
+        if calls >= min_calls and ((settled and elapsed >= min_seconds) or elapsed >= max_seconds):
+            return calls
+
+
+def inference_call(model: torch.nn.Module, example: torch.Tensor, precision: str = "fp32") -> Callable[[], object]:
+    """One forward of ``model`` on ``example`` as it is served: no autograd, in the run's precision."""
+    device = example.device
+
+    def call():
+        with torch.inference_mode(), autocast_for(precision, device):
+            return model(example)
+
+    return call
+
+
+def measure_inference(model: torch.nn.Module, example: torch.Tensor, *, warmup: int = 3, repeats: int = 10,
+                      precision: str = "fp32", compiled: torch.nn.Module | None = None) -> dict:
+    """Median time of ``repeats`` forward calls on a fixed batch, after a warm-up of at least
+    ``warmup`` calls that goes on until the time has settled. ``compiled``: time this
+    (a torch.compile of ``model``) instead."""
     was_training = model.training
     model.eval()
-    times = []
     try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                _sync(example.device)
-                start = time.perf_counter()
-                model(example)
-                _sync(example.device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
+        call = inference_call(compiled or model, example, precision)
+        warm_up(call, example.device, min_calls=max(1, warmup))
+        per_batch = statistics.median(timed(call, example.device) for _ in range(max(1, repeats)))
     finally:
         model.train(was_training)
-    per_batch = statistics.median(times)
     return {"infer_images_per_s": example.shape[0] / per_batch, "infer_ms_per_image": 1e3 * per_batch / example.shape[0]}
+
+
+def train_step_call(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    precision: str = "fp32") -> Callable[[], object]:
+    """One training step (forward, cross-entropy, backward, AdamW) on a copy of ``model``,
+    so the trained weights stay as they are. Routers' auxiliary losses are left out:
+    their share of the step is small and the same in every step."""
+    clone = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(clone.parameters(), lr=1e-9)  # a step, not a change
+    device = images.device
+
+    def call():
+        with autocast_for(precision, device):
+            loss = F.cross_entropy(clone(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    call.model, call.optimizer = clone, optimizer
+    return call
+
+
+# ----------------------------------------------------------------------------- memory of the model
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages alive while the mode is on: those given to ``track``
+    and every one an operator returns, until it is freed; ``peak`` is the most at once."""
+
+    def __init__(self):
+        super().__init__()
+        self._sizes = WeakIdKeyDictionary()  # storage -> [bytes] (a box the weakref callback reads)
+        self._refs = set()
+        self.current = self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta" or tensor.layout != torch.strided:
+            return
+        storage = tensor.untyped_storage()
+        size = storage.nbytes()
+        box = self._sizes.get(storage)
+        if box is None:
+            box = [size]
+            self._sizes[storage] = box
+            self._refs.add(weakref.ref(storage, lambda ref, box=box: self._free(ref, box)))
+            self.current += size
+        elif box[0] != size:  # resized in place (out= ops)
+            self.current += size - box[0]
+            box[0] = size
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, ref, box: list[int]) -> None:
+        self.current -= box[0]
+        self._refs.discard(ref)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self.track, out)
+        return out
+
+
+def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def peak_step_mb(call: Callable[[], object], model: torch.nn.Module, inputs: list[torch.Tensor],
+                 optimizer: torch.optim.Optimizer | None = None) -> float:
+    """Peak MiB of the model's tensors (state, inputs, everything ``call`` creates) during one ``call``."""
+    device = inputs[0].device
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with LiveTensorBytes() as live:
+        for tensor in _state_tensors(model, optimizer) + list(inputs):
+            live.track(tensor)
+        call()
+    return live.peak / 2**20
+
+
+def infer_peak_mb(model: torch.nn.Module, example: torch.Tensor, precision: str = "fp32") -> float:
+    was_training = model.training
+    model.eval()
+    try:
+        return peak_step_mb(inference_call(model, example, precision), model, [example])
+    finally:
+        model.train(was_training)
+
+
+def train_peak_mb(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32") -> float:
+    step = train_step_call(model, images, labels, precision)
+    step()  # the first step creates the optimizer state: the steady state is the second
+    return peak_step_mb(step, step.model, [images, labels], step.optimizer)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -78,7 +245,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak tensor memory allocated. CPU: the process's peak resident set since
+    """The whole process (data included), not the model (see ``train_peak_mb``).
+    CUDA: peak tensor memory allocated. CPU: the process's peak resident set since
     ``reset_peak_memory`` (Linux), or over its lifetime (elsewhere)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

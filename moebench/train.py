@@ -509,16 +509,25 @@ def measure_cost(cfg, model, data, norm, params, throughput, device, ranks: dist
             model.load_state_dict(state)
     measured = None
     if ranks.is_main:
-        n = cfg.cost.batch_size
+        n, b = cfg.cost.batch_size, cfg.data.batch_size
         example = next(iter(Loader(data.test_images[:n], data.test_labels[:n], n, shuffle=False,
                                    drop_last=False, **norm)))[0]
+        batch, labels = next(iter(Loader(data.train_images[:b], data.train_labels[:b], b, shuffle=False,
+                                         drop_last=False, **norm)))  # a training batch, for its memory
+        timed = {"warmup": cfg.cost.warmup, "repeats": cfg.cost.repeats, "precision": cfg.precision,
+                 "compiled": torch.compile(model) if cfg.compile else None}  # served as it was trained
         measured = {
             "params_total": params["total"],
             "params_active": params["active"],
             "gflops_per_image": cost.flops_per_image(model, example) / 1e9,
             "train_images_per_s": throughput.images_per_s,
-            **cost.measure_inference(model, example, warmup=cfg.cost.warmup, repeats=cfg.cost.repeats),
-            "peak_memory_mb": cost.peak_memory_mb(device),
+            **cost.measure_inference(model, example, **timed),
+            "latency_ms": cost.measure_inference(model, example[:1], **timed)["infer_ms_per_image"],
+            "precision": cfg.precision,
+            "compile": bool(cfg.compile),
+            "train_peak_mb": cost.train_peak_mb(model, batch, labels, cfg.precision),  # the model's own memory
+            "infer_peak_mb": cost.infer_peak_mb(model, example, cfg.precision),
+            "peak_memory_mb": cost.peak_memory_mb(device),  # the whole process, data included
         }
     distributed.barrier(ranks)
     return measured

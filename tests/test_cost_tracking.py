@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from moebench.allocator import tune_cpu_allocator
-from moebench.cost import Throughput, flops_per_image, measure_inference, peak_memory_mb, reset_peak_memory
+from moebench.cost import LiveTensorBytes, Throughput, flops_per_image, infer_peak_mb, measure_inference
+from moebench.cost import peak_memory_mb, reset_peak_memory, train_peak_mb, warm_up
 from moebench.tracking import RunRecorder, atomic_write_json, read_metrics
 
 
@@ -27,9 +29,75 @@ def test_cpu_attention_is_counted():
 
 
 def test_measure_inference_gives_consistent_positive_figures():
-    out = measure_inference(nn.Linear(8, 8), torch.randn(4, 8), warmup=1, repeats=3)
-    assert out["infer_images_per_s"] > 0
-    assert out["infer_ms_per_image"] == pytest.approx(1e3 / out["infer_images_per_s"])
+    for precision in ("fp32", "bf16"):
+        out = measure_inference(nn.Linear(8, 8), torch.randn(4, 8), warmup=1, repeats=3, precision=precision)
+        assert out["infer_images_per_s"] > 0
+        assert out["infer_ms_per_image"] == pytest.approx(1e3 / out["infer_images_per_s"])
+
+
+def test_warm_up_goes_on_until_two_calls_agree_and_a_minimum_time_has_passed():
+    def fake(durations):
+        durations = iter(durations)
+        return lambda fn, device: next(durations)
+
+    cpu = torch.device("cpu")
+    slow_start = [0.05, 0.03, 0.02, 0.002, 0.0021, 0.002, 0.002]
+    assert warm_up(lambda: None, cpu, min_seconds=0.0, tolerance=0.1, time_call=fake(slow_start)) == 5
+    assert warm_up(lambda: None, cpu, min_seconds=0.105, tolerance=0.1, time_call=fake(slow_start)) == 6
+    assert warm_up(lambda: None, cpu, min_seconds=0.0, min_calls=7, time_call=fake(slow_start)) == 7
+    never_settles = [0.01, 0.02] * 100
+    assert warm_up(lambda: None, cpu, max_seconds=0.3, time_call=fake(never_settles)) == 20  # the cap
+    assert warm_up(lambda: time.sleep(0.001), cpu, min_seconds=0.0, tolerance=10.0) == 2  # real calls
+
+
+def test_live_tensor_bytes_counts_what_is_alive_at_once():
+    x = torch.zeros(1000)  # 4000 bytes
+    with LiveTensorBytes() as live:
+        live.track(x)
+        for _ in range(5):
+            y = x + 1  # created and freed: one at a time
+            del y
+        a = x + 1
+        b = a.view(10, 100)  # a view: no new storage
+        a.resize_(2000)  # grown in place
+    assert live.peak == 4000 + 8000 and live.current == 4000 + 8000
+    del a, b
+    assert live.current == 4000
+
+
+def test_inference_peak_is_parameters_input_and_the_largest_live_activations():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+    params = sum(p.numel() for p in model.parameters()) * 4
+    # Inside Sequential, the first Linear's output lives until the GELU has made its own.
+    expected = params + 5 * 16 * 4 + 2 * 5 * 32 * 4
+    assert infer_peak_mb(model, torch.randn(5, 16)) * 2**20 == expected
+
+
+def vit(experts: int = 4, router: str = "soft"):
+    from moebench.moe import SoftMoE, TokensChoiceMoE
+    from moebench.vit import ViT
+
+    make = {"soft": lambda _: SoftMoE(32, 64, num_experts=experts, slots_per_expert=1, num_tokens=16),
+            "tokens_choice": lambda _: TokensChoiceMoE(32, 64, num_experts=experts, k=1)}[router]
+    torch.manual_seed(0)
+    return ViT(image_size=16, patch_size=4, in_chans=3, num_classes=10, dim=32, depth=2, heads=2, mlp_dim=64,
+               moe_blocks=[1], make_moe=make)
+
+
+def test_model_memory_grows_with_batch_and_experts_and_is_deterministic():
+    images, labels = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    for router in ("soft", "tokens_choice"):
+        model = vit(router=router)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train = train_peak_mb(model, images[:16], labels[:16])
+        assert train == train_peak_mb(model, images[:16], labels[:16])  # the same model: the same figure
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # trained on a copy
+        assert train_peak_mb(model, images, labels) > train  # a bigger batch
+        assert train_peak_mb(vit(16, router), images[:16], labels[:16]) > train  # a bigger model
+        infer = infer_peak_mb(model, images[:16])
+        assert infer == infer_peak_mb(model, images[:16]) and infer < train
+        assert infer_peak_mb(model, images) > infer
+        assert train_peak_mb(model, images[:16], labels[:16], "bf16") > 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
