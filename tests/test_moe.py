@@ -161,6 +161,7 @@ def test_soft_moe_slot_factor_and_identical_init():
 def test_tokens_choice_matches_reference(batch, k, factor, bpr, rounding):
     layer = TokensChoiceMoE(6, 8, 4, k=k, capacity_factor=factor, bpr=bpr, group_size=2,
                             capacity_rounding=rounding).eval()
+    layer.track_routing = True  # statistics in eval mode only when asked
     x = torch.randn(batch, 5, 6) * 2
     assert_matches_reference(layer, x, lambda layer, x: ref.tokens_choice(layer, x)[0])
     _, dropped = ref.tokens_choice(layer, x)
@@ -171,6 +172,7 @@ def test_tokens_choice_matches_reference(batch, k, factor, bpr, rounding):
 def handmade_tokens_choice(bpr: bool) -> tuple[TokensChoiceMoE, torch.Tensor]:
     """4 tokens, 2 experts, capacity 1: three tokens want expert 0, one wants expert 1."""
     layer = TokensChoiceMoE(2, 4, 2, k=1, capacity_factor=0.5, bpr=bpr, group_size=1).eval()
+    layer.track_routing = True
     with torch.no_grad():
         layer.gate.weight.copy_(torch.eye(2))  # gate logits = the token itself
     #                   t0: e0 at 0.73   t1: e0 at 0.95  t2: e0 at 0.88  t3: e1 at 0.73
@@ -195,6 +197,7 @@ def test_tokens_choice_drops_exactly_the_expected_tokens(bpr, kept):
 
 def test_tokens_choice_first_choices_beat_earlier_tokens_second_choices():
     layer = TokensChoiceMoE(2, 4, 2, k=2, capacity_factor=0.5, bpr=False, group_size=1).eval()
+    layer.track_routing = True
     with torch.no_grad():
         layer.gate.weight.copy_(torch.eye(2))
     x = torch.tensor([[[2.0, 0.0], [0.0, 2.0]]])  # t0: e0 then e1; t1: e1 then e0; capacity 1
@@ -208,6 +211,7 @@ def test_tokens_choice_first_choices_beat_earlier_tokens_second_choices():
 def test_tokens_choice_groups_never_share_capacity():
     """Capacity is per group: a full group does not make another group drop."""
     layer = TokensChoiceMoE(2, 4, 2, k=1, capacity_factor=1.0, bpr=False, group_size=1).eval()
+    layer.track_routing = True
     with torch.no_grad():
         layer.gate.weight.copy_(torch.eye(2))
     x = torch.tensor([[[1.0, 0.0], [2.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]]])
@@ -219,6 +223,7 @@ def test_tokens_choice_groups_never_share_capacity():
 def test_tokens_choice_aux_losses_by_hand():
     layer = TokensChoiceMoE(3, 4, 3, k=1, group_size=8, importance_weight=0.1, load_weight=0.2,
                             switch_weight=0.3, z_loss_weight=0.4).eval()
+    layer.track_routing = True
     x = torch.randn(2, 4, 3)
     layer(x)
     logits = x.reshape(1, 8, 3) @ layer.gate.weight.T
@@ -256,6 +261,7 @@ def test_tokens_choice_noise_and_load_loss_only_when_training():
 @pytest.mark.parametrize("batch,factor,rounding", [(4, 1.0, "round"), (5, 0.5, "round"), (3, 2.0, "ceil"), (4, 1.0, 2)])
 def test_experts_choice_matches_reference(batch, factor, rounding):
     layer = ExpertsChoiceMoE(6, 8, 4, capacity_factor=factor, group_size=2, capacity_rounding=rounding).eval()
+    layer.track_routing = True
     x = torch.randn(batch, 5, 6) * 2
     assert_matches_reference(layer, x, lambda layer, x: ref.experts_choice(layer, x)[0])
     _, picks = ref.experts_choice(layer, x)
@@ -269,6 +275,7 @@ def test_experts_choice_handmade_picks():
     """3 experts, 6 tokens, c = 2. Experts 0 and 1 share a gate column, so they pick the same
     two tokens; expert 2 prefers the other end; the two middle tokens get nothing."""
     layer = ExpertsChoiceMoE(2, 4, 3, capacity_factor=1.0, group_size=1).eval()
+    layer.track_routing = True
     with torch.no_grad():
         layer.gate.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]]))
     x = torch.tensor([[[3.0, 0.0], [2.0, 0.0], [0.5, 0.0], [0.0, 0.0], [-1.0, 0.0], [-2.0, 0.0]]])

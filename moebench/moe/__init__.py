@@ -1,19 +1,29 @@
 """moebench.moe: Mixture-of-Experts layers for Vision Transformers.
 
 Pure PyTorch (no Hydra, no W&B). Every layer maps (batch, tokens, dim) to the
-same shape; after each forward ``layer.aux_loss`` (differentiable scalar, 0
-where the router has none) and ``layer.metrics`` (detached routing stats) hold
-that forward's values, and ``collect_aux_loss(model)`` /
-``collect_metrics(model)`` gather them over a whole model::
+same shape. Routers compute in float32 even under bf16 autocast (the experts
+follow the autocast). In training mode (or after ``track_routing(model)``)
+each forward leaves ``layer.aux_loss`` (differentiable scalar, 0 where the
+router has none) and adds its routing statistics to running sums;
+``collect_aux_loss(model)`` sums the last forward's losses,
+``collect_metrics(model)`` returns the statistics' means since its previous
+call, and ``collect_diagnostics(model)`` measures the weights (similarity of
+experts and slots: do they diverge?)::
 
-    from moebench.moe import SoftMoE, collect_aux_loss
+    from moebench.moe import SoftMoE, collect_aux_loss, collect_metrics
     mlp = SoftMoE(dim=192, hidden_dim=768, num_experts=128)
     y = mlp(x)                                  # x: (B, T, 192)
     loss = task_loss + collect_aux_loss(model)
+    log(collect_metrics(model))                 # every N steps: means over those N steps
+
+In eval mode nothing is tracked (aux_loss is 0, no statistics) unless asked.
 """
 
-from .base import MoELayer, collect_aux_loss, collect_metrics, count_parameters
+from .base import (
+    MoELayer, collect_aux_loss, collect_diagnostics, collect_metrics, count_parameters, track_routing,
+)
 from .capacity import compute_capacity
+from .decay import matmul_kernel_names, weight_decay_split
 from .dense import DenseMLP
 from .experts import Experts
 from .experts_choice import ExpertsChoiceMoE
@@ -24,6 +34,7 @@ from .tokens_choice import TokensChoiceMoE, position_in_expert
 
 __all__ = [
     "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "ShardedExperts", "SoftMoE", "SparseMoE", "TokensChoiceMoE",
-    "collect_aux_loss", "collect_metrics", "compute_capacity", "count_parameters", "expert_parallel_parameters", "position_in_expert",
-    "shard_experts",
+    "collect_aux_loss", "collect_diagnostics", "collect_metrics", "compute_capacity", "count_parameters", "expert_parallel_parameters", "matmul_kernel_names",
+    "position_in_expert",
+    "shard_experts", "track_routing", "weight_decay_split",
 ]

@@ -1,10 +1,21 @@
 """The MoE layer contract and helpers that walk a model's MoE layers.
 
 Every layer maps (batch, tokens, dim) -> (batch, tokens, dim). After each
-forward it leaves two things on itself, which a training loop collects:
+forward it leaves on itself:
 
-- ``aux_loss``: a differentiable 0-dim tensor (0 for routers without one);
-- ``metrics``: a small dict of detached 0-dim tensors (routing health).
+- ``aux_loss``: a differentiable 0-dim tensor (0 for routers without one, and
+  0 for every router when it is not tracking, see below);
+- ``metrics``: that forward's routing statistics (a dict of detached 0-dim
+  tensors; empty when not tracking).
+
+Bookkeeping costs time (a review measured up to a fifth of an MoE layer's
+eval forward), so a layer computes routing statistics and auxiliary losses
+only while *tracking*: in training mode, or when asked with
+``track_routing(model)`` (or ``layer.track_routing = True``), e.g. to inspect
+routing on a test set. Every tracked forward also adds its statistics to
+running sums on the layer; ``collect_metrics(model)`` returns their means
+since its previous call and starts new sums, so a log line shows the whole
+interval, not one batch.
 """
 
 from __future__ import annotations
@@ -20,27 +31,91 @@ class MoELayer(nn.Module):
         super().__init__()
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.metrics: dict[str, torch.Tensor] = {}
+        self.track_routing = False
+        self._metric_keys: tuple[str, ...] = ()
+        self._metric_sums: torch.Tensor | None = None
+
+    @property
+    def tracking(self) -> bool:
+        """Whether this forward computes routing statistics and auxiliary losses."""
+        return self.training or self.track_routing
+
+    def record_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Keep one tracked forward's statistics and add them to the running sums."""
+        metrics = {key: value.detach() for key, value in metrics.items()}
+        self.metrics = metrics
+        keys = tuple(metrics)
+        if not keys:
+            return
+        if keys != self._metric_keys:  # first tracked forward of this layer
+            self._metric_keys, self._metric_sums = keys, None
+        # One tensor [sum of each key..., count], rebound rather than updated in place:
+        # under torch.compile an int counter or a dict of sums would be guarded on
+        # and recompile every step.
+        dtype = torch.float64 if any(v.dtype == torch.float64 for v in metrics.values()) else torch.float32
+        values = [value.to(dtype) for value in metrics.values()]
+        row = torch.stack([*values, torch.ones_like(values[0])])
+        self._metric_sums = row if self._metric_sums is None else self._metric_sums + row
+
+    def pop_metric_means(self) -> dict[str, float]:
+        """Means of the statistics over the tracked forwards since the last call; resets the sums."""
+        sums, self._metric_sums = self._metric_sums, None
+        if sums is None:
+            return {}
+        *totals, count = sums.tolist()
+        return {key: total / count for key, total in zip(self._metric_keys, totals)}
+
+    def diagnostics(self) -> dict[str, float]:
+        """Statistics of the weights themselves (no forward needed); see ``collect_diagnostics``."""
+        return {}
 
     def active_expert_fraction(self) -> float:
         """Share of this layer's expert parameters one token passes through."""
         return 1.0
 
 
+def moe_layers(model: nn.Module):
+    """``(name, layer)`` for every MoE layer of ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def track_routing(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make every MoE layer of ``model`` compute routing statistics and auxiliary
+    losses even in eval mode (they always do in training mode). Returns ``model``."""
+    for _, layer in moe_layers(model):
+        layer.track_routing = enabled
+    return model
+
+
 def collect_aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the auxiliary losses of every MoE layer's last forward."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELayer)]
+    losses = [m.aux_loss for _, m in moe_layers(model)]
     if not losses:
         return torch.zeros(())
     return torch.stack([loss.to(losses[0].device) for loss in losses]).sum()
 
 
 def collect_metrics(model: nn.Module) -> dict[str, float]:
-    """Routing metrics of the last forward as ``{"<module name>/<key>": float}``."""
+    """Routing metrics as ``{"<module name>/<key>": float}`` (just ``key`` for a bare layer): for each layer the mean
+    over its tracked forwards since the previous call (which are then forgotten).
+    A layer with no tracked forward since then contributes nothing."""
     out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            for key, value in module.metrics.items():
-                out[f"{name}/{key}"] = float(value)
+    for name, module in moe_layers(model):
+        for key, value in module.pop_metric_means().items():
+            out[f"{name}/{key}" if name else key] = value
+    return out
+
+
+@torch.no_grad()
+def collect_diagnostics(model: nn.Module) -> dict[str, float]:
+    """Weight statistics of every MoE layer as ``{"<module name>/<key>": float}``:
+    mean pairwise cosine similarity of the experts' weights (do experts diverge?),
+    of Soft MoE's slot parameters and of the sparse routers' gate rows, and Soft
+    MoE's logit scale. Costs one pass over the weights: cheap enough per epoch."""
+    out = {}
+    for name, module in moe_layers(model):
+        for key, value in module.diagnostics().items():
+            out[f"{name}/{key}" if name else key] = value
     return out
 
 

@@ -47,5 +47,20 @@ class Experts(nn.Module):
         h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))
         return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
 
+    @torch.no_grad()
+    def weight_similarity(self) -> torch.Tensor:
+        """Mean pairwise cosine similarity of the experts' flattened (w1, w2) weights:
+        1 while they are all equal (``identical_init``), near 0 for independent draws."""
+        experts = self.num_experts
+        if experts < 2:
+            return torch.tensor(float("nan"))
+        flat = [w.detach().float().reshape(experts, -1) for w in (self.w1, self.w2)]
+        sq_norms = sum(torch.linalg.vector_norm(f, dim=1).pow(2) for f in flat)
+        inv = torch.rsqrt(sq_norms.clamp_min(1e-24))
+        # |sum of unit vectors|^2 minus the self terms: all pairs without an (E, E) matrix.
+        total = sum((inv @ f).double().pow(2).sum() for f in flat)
+        self_terms = (inv.pow(2) * sq_norms).double().sum()
+        return ((total - self_terms) / (experts * (experts - 1))).float().clamp(-1.0, 1.0)
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"

@@ -9,7 +9,8 @@ from torch import nn
 
 from .base import MoELayer
 from .experts import Experts
-from .metrics import mean_entropy
+from .metrics import mean_entropy, mean_pairwise_cosine
+from .precision import as_float32, routing_precision
 
 MODES = ("soft", "uniform", "identity")
 
@@ -36,6 +37,10 @@ class SoftMoE(MoELayer):
         normalize: L2-normalise tokens and ``phi`` for the logits (the paper's
             choice; without it logits grow with d and routing turns one-hot).
         identical_init: start every expert from the same draw (reference code).
+        scale_init: the logit scale at init (1.0 in the paper). At small width
+            and short schedules a scale of 1 keeps every logit near 0, so every
+            slot starts as the mean token and routing may never leave uniform;
+            a larger start lets it (see the ``*_similarity`` diagnostics).
         dispatch, combine: "soft" (the method), "uniform" (every weight 1/m or
             1/S) or "identity" (slot i <-> token i; needs n*p == tokens): the
             ablations of the paper's Table 2.
@@ -54,6 +59,7 @@ class SoftMoE(MoELayer):
         identical_init: bool = True,
         dispatch: str = "soft",
         combine: str = "soft",
+        scale_init: float = 1.0,
     ):
         super().__init__()
         if slot_factor is not None:
@@ -71,51 +77,72 @@ class SoftMoE(MoELayer):
             raise ValueError(f"identity dispatch/combine needs slots == tokens, got {self.num_slots} != {num_tokens}")
         self.normalize, self.dispatch, self.combine = normalize, dispatch, combine
         self.phi = nn.Parameter(torch.empty(dim, num_experts, slots_per_expert))
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.full((), float(scale_init)))
         self.experts = Experts(num_experts, dim, hidden_dim, identical_init=identical_init)
         # lecun-normal as JAX computes it for a (d, n, p) kernel: fan_in = d * n.
         std = 1.0 / math.sqrt(dim * num_experts) / 0.87962566103423978
         nn.init.trunc_normal_(self.phi, std=std, a=-2 * std, b=2 * std)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Slot logits (B, m, n*p) in float32 (autocast off); ``x`` is (B, m, d)."""
+        with routing_precision(x):
+            x = as_float32(x)
+            phi = as_float32(self.phi).reshape(x.shape[-1], self.num_slots)
+            xn = x
+            if self.normalize:
+                xn, phi = l2_normalize(x, -1), l2_normalize(phi, 0)
+            return xn @ (phi * as_float32(self.scale))  # the scale goes on the smaller operand
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         n, p, slots = self.num_experts, self.slots_per_expert, self.num_slots
         if "identity" in (self.dispatch, self.combine) and tokens != slots:
             raise ValueError(f"identity dispatch/combine needs slots == tokens, got {slots} != {tokens}")
-        logits = None
-        if "soft" in (self.dispatch, self.combine):
-            phi = self.phi.reshape(dim, slots)
-            xn = x
-            if self.normalize:
-                xn, phi = l2_normalize(x, -1), l2_normalize(phi, 0)
-            logits = xn @ (phi * self.scale)  # (B, m, S); the scale goes on the smaller operand
-
+        track = self.tracking
         metrics = {}
-        if self.dispatch == "soft":
-            dispatch = logits.softmax(dim=1)  # over the tokens of one example
-            slot_in = dispatch.transpose(1, 2) @ x  # raw tokens, (B, S, d)
-            metrics.update(_weight_stats("dispatch", dispatch.detach(), dim=1))
-        elif self.dispatch == "uniform":
-            slot_in = x.mean(1, keepdim=True).expand(batch, slots, dim)
-        else:
-            slot_in = x
+        logits = self.logits(x) if "soft" in (self.dispatch, self.combine) else None
+        with routing_precision(x):
+            x32 = as_float32(x)
+            if self.dispatch == "soft":
+                dispatch = logits.softmax(dim=1)  # over the tokens of one example
+                slot_in = dispatch.transpose(1, 2) @ x32  # raw tokens, (B, S, d)
+                if track:
+                    metrics.update(_weight_stats("dispatch", dispatch.detach(), dim=1))
+            elif self.dispatch == "uniform":
+                slot_in = x32.mean(1, keepdim=True).expand(batch, slots, dim)
+            else:
+                slot_in = x32
+            if track:
+                metrics["slot_similarity"] = mean_pairwise_cosine(slot_in.detach())
 
         # (B, n*p, d) -> (n, B*p, d): each expert gets its p slots of every example.
         expert_in = slot_in.reshape(batch, n, p, dim).transpose(0, 1).reshape(n, batch * p, dim)
-        expert_out = self.experts(expert_in)
-        slot_out = expert_out.reshape(n, batch, p, dim).transpose(0, 1).reshape(batch, slots, dim)
+        expert_out = self.experts(expert_in)  # under the caller's autocast, if any
 
-        if self.combine == "soft":
-            combine = logits.softmax(dim=-1)  # over all slots jointly
-            y = combine @ slot_out
-            metrics.update(_weight_stats("combine", combine.detach(), dim=-1))
-        elif self.combine == "uniform":
-            y = slot_out.mean(1, keepdim=True).expand(batch, tokens, dim)
+        with routing_precision(x):
+            slot_out = as_float32(expert_out).reshape(n, batch, p, dim).transpose(0, 1).reshape(batch, slots, dim)
+            if self.combine == "soft":
+                combine = logits.softmax(dim=-1)  # over all slots jointly
+                y = combine @ slot_out
+                if track:
+                    metrics.update(_weight_stats("combine", combine.detach(), dim=-1))
+            elif self.combine == "uniform":
+                y = slot_out.mean(1, keepdim=True).expand(batch, tokens, dim)
+            else:
+                y = slot_out
+        self.aux_loss = x.new_zeros((), dtype=torch.float32)
+        if track:
+            self.record_metrics(metrics)
         else:
-            y = slot_out
-        self.aux_loss = x.new_zeros(())
-        self.metrics = metrics
-        return y
+            self.metrics = {}
+        return y.to(x.dtype)
+
+    def diagnostics(self) -> dict[str, float]:
+        return {
+            "expert_similarity": float(self.experts.weight_similarity()),
+            "phi_similarity": float(mean_pairwise_cosine(self.phi.detach().reshape(self.phi.shape[0], -1).T)),
+            "scale": float(self.scale.detach()),
+        }
 
     def extra_repr(self) -> str:
         return (

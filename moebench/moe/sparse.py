@@ -10,12 +10,14 @@ both parts are concatenated so that all experts still run in ONE batched call.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import MoELayer
 from .capacity import Rounding, compute_capacity
 from .experts import Experts
-from .metrics import mean_entropy
+from .metrics import mean_entropy, mean_pairwise_cosine
+from .precision import as_float32, routing_precision
 
 
 class SparseMoE(MoELayer):
@@ -24,7 +26,10 @@ class SparseMoE(MoELayer):
     Subclasses implement ``route(x) -> (buffers (E, rows, d), state)`` for one
     part of shape (G, m, d), and ``combine(expert_out (E, rows, d), state) ->
     (G, m, d)``; ``route`` may append per-group auxiliary losses and metric
-    pieces to ``state``.
+    pieces to ``state`` when ``self.tracking``, and ``summarize(states)`` turns
+    them into (aux_loss, metrics), called only then. Gates, routing and
+    combine run in float32 with autocast off (see ``precision``); only the
+    experts run under the caller's autocast.
     """
 
     def __init__(
@@ -58,7 +63,7 @@ class SparseMoE(MoELayer):
         Training-time noise has std ``noise_std / num_experts`` (V-MoE); in
         eval mode, or with noise_std 0, the noisy logits are the clean ones.
         """
-        logits = self.gate(x)
+        logits = F.linear(x, as_float32(self.gate.weight))
         noisy = logits
         if self.training and self.noise_std > 0:
             noisy = logits + torch.randn_like(logits) * (self.noise_std / self.num_experts)
@@ -68,19 +73,30 @@ class SparseMoE(MoELayer):
         batch, tokens, dim = x.shape
         size = min(self.group_size, batch)
         full = batch - batch % size
-        parts = [x[:full].reshape(full // size, size * tokens, dim)]
-        if full < batch:
-            parts.append(x[full:].reshape(1, (batch - full) * tokens, dim))
-
-        routed = [self.route(part) for part in parts]
+        with routing_precision(x):
+            x32 = as_float32(x)
+            parts = [x32[:full].reshape(full // size, size * tokens, dim)]
+            if full < batch:
+                parts.append(x32[full:].reshape(1, (batch - full) * tokens, dim))
+            routed = [self.route(part) for part in parts]
         rows = [buffers.shape[1] for buffers, _ in routed]
-        expert_out = self.experts(torch.cat([buffers for buffers, _ in routed], dim=1))
-        outputs = [
-            self.combine(out, state) for out, (_, state) in zip(expert_out.split(rows, dim=1), routed)
-        ]
-        y = torch.cat([out.reshape(-1, tokens, dim) for out in outputs], dim=0)
-        self.aux_loss, self.metrics = self.summarize([state for _, state in routed])
-        return y
+        expert_out = self.experts(torch.cat([buffers for buffers, _ in routed], dim=1))  # caller's autocast
+        with routing_precision(x):
+            pieces = as_float32(expert_out).split(rows, dim=1)
+            outputs = [self.combine(out, state) for out, (_, state) in zip(pieces, routed)]
+            y = torch.cat([out.reshape(-1, tokens, dim) for out in outputs], dim=0)
+            if self.tracking:
+                self.aux_loss, metrics = self.summarize([state for _, state in routed])
+                self.record_metrics(metrics)
+            else:
+                self.aux_loss, self.metrics = x32.new_zeros(()), {}
+        return y.to(x.dtype)
+
+    def diagnostics(self) -> dict[str, float]:
+        return {
+            "expert_similarity": float(self.experts.weight_similarity()),
+            "gate_similarity": float(mean_pairwise_cosine(self.gate.weight.detach())),
+        }
 
     def route(self, x: torch.Tensor):
         raise NotImplementedError

@@ -108,8 +108,9 @@ class TokensChoiceMoE(SparseMoE):
 
         state = {
             "row": row, "weight": top_gate * kept, "gates": gates, "kept": kept, "choices": top_expert,
-            "losses": self.aux_losses(logits, noisy, gates),
         }
+        if self.tracking:
+            state["losses"] = self.aux_losses(logits, noisy, gates)
         return buffers, state
 
     def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
@@ -143,7 +144,12 @@ class TokensChoiceMoE(SparseMoE):
         with torch.no_grad():
             kept = sum(s["kept"].sum() for s in states)
             choices = sum(s["kept"].numel() for s in states)
-            load = sum(torch.bincount(s["choices"].reshape(-1), minlength=self.num_experts) for s in states)
+            # scatter_add, not bincount: a fixed output shape keeps torch.compile from breaking the graph
+            load = sum(
+                torch.zeros(self.num_experts, device=s["choices"].device).scatter_add_(
+                    0, s["choices"].reshape(-1), torch.ones(s["choices"].numel(), device=s["choices"].device))
+                for s in states
+            )
             metrics = {"dropped": 1.0 - kept / choices, **load_stats(load), "gate_entropy": self.gate_entropy(states)}
             metrics.update({f"{name}_loss": value.detach() for name, value in losses.items()})
         return aux, metrics
