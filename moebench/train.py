@@ -34,6 +34,7 @@ from .moe.decay import weight_decay_split
 from .progress import TrainProgress, announce_run, print_summary
 from .tracking import RunRecorder, atomic_torch_save, run_name, sweep_group
 from .vit import ViT, moe_block_indices
+from . import probe  # eval.probe: few-shot probes after training
 
 log = logging.getLogger("moebench")
 
@@ -578,12 +579,14 @@ def run_job(cfg: DictConfig) -> dict:
     status, error, result, skipped = "failed", None, None, False
     try:
         validate(cfg)
+        probe.check_config(cfg)
         previous = previous_result(cfg, run_dir)
         if previous is not None:  # its records are already on disk
             log.info("%s already holds this completed run: skipping it", run_dir)
             skipped = True
             return previous
         result = train_and_measure(cfg, run_dir, wandb_settings(cfg), state)
+        probe.after_training(cfg, result, state["run_dir"])  # eval.probe: few-shot probes into the result
         status = result["status"]
         return result
     except (UserError, DataError) as err:

@@ -126,3 +126,25 @@ def test_probe_bad_input_is_one_line_and_leaves_result_json_alone(digits_run, tm
     assert path.read_bytes() == before
     proc = moebench("probe", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "missing" in proc.stderr
+
+
+def test_eval_probe_runs_after_training_and_bad_settings_stop_before_it(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = moebench("train", "experiment=smoke", "data=digits", "data.num_train=null", "data.num_test=60",
+                    "router=tokens_choice", "router.group_size=2", "eval.probe.datasets=[own]",
+                    "eval.probe.shots=[1,3]", "eval.probe.draws=2", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "result.json").read_text())
+    assert record["status"] == "completed" and "top1" in record["quality"]
+    probe = record["probe"]["digits"]
+    assert set(probe) == {"1shot", "3shot"} and probe["3shot"]["draws"] == 2
+    assert probe["3shot"]["test_examples"] == 60
+
+    for override, needle in (("eval.probe.shots=[0]", "eval.probe.shots"),
+                             ("eval.probe.draws=0", "eval.probe.draws"),
+                             ("eval.probe.datasets=own", "eval.probe.datasets")):
+        proc = moebench("train", "experiment=smoke", "eval.probe.datasets=[own]", override,
+                        f"hydra.run.dir={tmp_path / 'bad'}")
+        assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "bad" / "last.pt").exists()  # refused before any training
