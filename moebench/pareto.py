@@ -661,4 +661,4 @@ def main(argv: list[str]) -> int:
         print(f"moebench: error: {err}", file=sys.stderr)
         return 2
     print_files(summary)
-    return report.main(args.paths, out, wandb_cfg) if args.wandb_report else 0
+    return report.main(args.paths, out, wandb_cfg, summary.get("wandb_run_id")) if args.wandb_report else 0

@@ -25,6 +25,7 @@ COST_METRICS = {
     "cost/train_images_per_s": "training images / s (higher is faster)",
 }
 ROUTER_KEY = "router.name"  # in the runs' W&B config
+PARETO_PLOT_KEY = "pareto/plot"  # the image the pareto W&B run logs (pareto.log_wandb)
 WANDB_RUN_DIR = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-(\w+)")  # <run dir>/wandb/run-<date>_<time>-<id>
 LOG_AXIS_SPAN = 10.0  # a cost axis spanning more than this factor is drawn on a log scale
 
@@ -78,9 +79,11 @@ def axis_is_log(values: list[float]) -> bool:
     return bool(positive) and max(positive) / min(positive) > LOG_AXIS_SPAN
 
 
-def report_spec(records: list[dict], *, entity: str | None, project: str, title: str, source: str) -> dict:
+def report_spec(records: list[dict], *, entity: str | None, project: str, title: str, source: str,
+                pareto_run_id: str | None = None) -> dict:
     """What the report shows, as plain data: one scatter of top-1 against each cost axis,
-    over the sweep's W&B training runs (selected by id), grouped (coloured) by router."""
+    over the sweep's W&B training runs (selected by id), grouped (coloured) by router; and
+    the pareto run's plot (frontier, arm means, error bars) when its id is given."""
     done = [r for r in records if r.get("status") == "completed" and r.get("wandb_ids")]
     if not done:
         raise ReportError(f"no completed run under {source} was logged to W&B (wandb.mode=disabled?): "
@@ -107,6 +110,8 @@ def report_spec(records: list[dict], *, entity: str | None, project: str, title:
         "panels": panels,
         "notes": (f"Each point is one training run; colour = router ({counts}). "
                   f"The frontier itself is in pareto.csv / pareto.png next to `{source}`."),
+        "pareto_run_id": pareto_run_id,
+        "pareto_media": PARETO_PLOT_KEY,
     }
 
 
@@ -125,6 +130,12 @@ def build_report(spec: dict):
                              log_x=p["log_x"], layout=wr.Layout(x=12 * (i % 2), y=8 * (i // 2), w=12, h=8))
               for i, p in enumerate(spec["panels"])]
     report.blocks = [wr.P(spec["notes"]), wr.PanelGrid(runsets=[runset], panels=panels)]
+    if spec.get("pareto_run_id"):
+        pareto_run = wr.Runset(entity=report.entity, project=spec["project"], name="pareto",
+                               filters=f"ID in ['{spec['pareto_run_id']}']")
+        plot = wr.MediaBrowser(title="pareto.png", media_keys=[spec["pareto_media"]],
+                               layout=wr.Layout(x=0, y=0, w=24, h=12))
+        report.blocks.append(wr.PanelGrid(runsets=[pareto_run], panels=[plot]))
     return report
 
 
@@ -141,7 +152,7 @@ def save_report(spec: dict) -> str:
         raise ReportError(f"could not save the W&B report: {first}") from None
 
 
-def main(paths: list[str | Path], out: Path, wandb_cfg: dict) -> int:
+def main(paths: list[str | Path], out: Path, wandb_cfg: dict, pareto_run_id: str | None = None) -> int:
     """`moebench pareto --wandb-report`, after the pareto files are written."""
     if wandb_cfg.get("mode") != "online":
         print(f"moebench: pareto: --wandb-report needs W&B online (mode is {wandb_cfg.get('mode')}; "
@@ -151,7 +162,7 @@ def main(paths: list[str | Path], out: Path, wandb_cfg: dict) -> int:
     try:
         spec = report_spec(read_records(paths), entity=wandb_cfg.get("entity"), project=wandb_cfg["project"],
                            title=f"moebench pareto: {wandb_cfg.get('group') or Path(out).name}",
-                           source=str(out))
+                           source=str(out), pareto_run_id=pareto_run_id)
         url = save_report(spec)
     except ReportError as err:
         print(f"moebench: error: {err}", file=sys.stderr)

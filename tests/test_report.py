@@ -101,9 +101,10 @@ def test_report_spec_becomes_a_wandb_workspaces_report(tmp_path):
     wr = pytest.importorskip("wandb_workspaces.reports.v2")
     fake_run(tmp_path / "sweep", "0", "soft", params=1000, wandb_id="aaa111")
     spec = report.report_spec(report.read_records([tmp_path / "sweep"]), entity="team", project="proj",
-                              title="moebench pareto: s", source="sweep")
+                              title="moebench pareto: s", source="sweep", pareto_run_id="ppp999")
     built = report.build_report(spec)  # not saved: that needs W&B online
     assert isinstance(built, wr.Report) and (built.entity, built.project) == ("team", "proj")
-    grid = next(block for block in built.blocks if isinstance(block, wr.PanelGrid))
-    assert grid.runsets[0].groupby == ["config.router.name"] and "aaa111" in grid.runsets[0].filters
-    assert [panel.x.name for panel in grid.panels] == list(report.COST_METRICS)
+    scatter, plot = [block for block in built.blocks if isinstance(block, wr.PanelGrid)]
+    assert scatter.runsets[0].groupby == ["config.router.name"] and "aaa111" in scatter.runsets[0].filters
+    assert [panel.x.name for panel in scatter.panels] == list(report.COST_METRICS)
+    assert "ppp999" in plot.runsets[0].filters and plot.panels[0].media_keys == ["pareto/plot"]
