@@ -1,59 +1,54 @@
-"""The `moebench` command: one small dispatcher over the subcommands."""
+"""The `moebench` command: one small dispatcher over the subcommands.
+
+A subcommand is a module of this package with ``main(args: list[str]) -> int``;
+adding one is one line in ``COMMANDS`` (imported only when it runs).
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from .allocator import tune_cpu_allocator
 
-USAGE = """usage: moebench <command> [arguments]
+COMMANDS = {  # name -> (module, one-line help)
+    "train": ("train", "train, evaluate and measure a model (a Hydra app: key=value overrides,\n"
+                       "           -m/--multirun sweeps, --cfg job, --help, experiment=NAME)"),
+    "pareto": ("pareto", "cost/quality Pareto frontier of sweep or run dirs: arms over seeds\n"
+                         "           (pareto.csv, pareto_arms.csv, pareto.json, pareto.png)"),
+    "measure": ("measure", "re-time finished runs together in one quiet process (cost_measured)"),
+    "bench": ("bench", "time each router's forward+backward as a ratio to the dense MLP"),
+    "inspect": ("inspection", "pictures of what a trained run's routers do (RUN_DIR/inspect/index.md)"),
+    "probe": ("probe", "few-shot linear probe on a trained run's frozen features (result.json probe.*)"),
+}
 
-commands:
-  train    train, evaluate and measure a model (a Hydra app: key=value overrides,
-           -m/--multirun sweeps, --cfg job, --help, experiment=NAME)
-  pareto   cost/quality Pareto frontier of sweep or run dirs (pareto.csv/.json/.png)
-  bench    time each router's forward+backward as a ratio to the dense MLP
-  inspect  pictures of what a trained run's routers do (RUN_DIR/inspect/index.md)
-  probe    few-shot linear probe on a trained run's frozen features (result.json probe.*)
-
+EXAMPLES = """
 Examples:
   moebench train router=soft experts=128
-  moebench train -m router=soft,tokens_choice,experts_choice,dense experts=8,32
+  moebench train -m router=soft,tokens_choice,experts_choice,dense experts=8,32 seed=0,1,2
+  moebench measure multirun/2026-11-25/10-00-00 && moebench pareto multirun/2026-11-25/10-00-00
 """
 
-COMMANDS = ("train", "pareto", "bench", "inspect", "probe")
+
+def usage() -> str:
+    lines = ["usage: moebench <command> [arguments]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines) + "\n" + EXAMPLES
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(usage(), end="")
         return 0 if argv else 2
     command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"moebench: unknown command {command!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     tune_cpu_allocator()
     try:
-        if command == "train":
-            from .train import main as train_main
-
-            return train_main(args)
-        if command == "pareto":
-            from .pareto import main as pareto_main
-
-            return pareto_main(args)
-        if command == "bench":
-            from .bench import main as bench_main
-
-            return bench_main(args)
-        if command == "inspect":
-            from .inspection import main as inspect_main
-
-            return inspect_main(args)
-        if command == "probe":
-            from .probe import main as probe_main
-
-            return probe_main(args)
+        module = importlib.import_module(f".{COMMANDS[command][0]}", __package__)
+        return module.main(args)
     except KeyboardInterrupt:
         print("moebench: interrupted", file=sys.stderr)
         return 130
-    print(f"moebench: unknown command {command!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
-    return 2

@@ -133,18 +133,21 @@ def measure_inference(model: torch.nn.Module, example: torch.Tensor, *, warmup: 
     return {"infer_images_per_s": example.shape[0] / per_batch, "infer_ms_per_image": 1e3 * per_batch / example.shape[0]}
 
 
-def train_step_call(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    precision: str = "fp32") -> Callable[[], object]:
-    """One training step (forward, cross-entropy, backward, AdamW) on a copy of ``model``,
-    so the trained weights stay as they are. Routers' auxiliary losses are left out:
-    their share of the step is small and the same in every step."""
+def train_step_call(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32", *,
+                    aux_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+                    compile: bool = False) -> Callable[[], object]:
+    """One training step (forward, cross-entropy plus ``aux_loss(model)``, backward, AdamW)
+    on a copy of ``model``, so the trained weights stay as they are."""
     clone = copy.deepcopy(model).train()
+    forward = torch.compile(clone) if compile else clone
     optimizer = torch.optim.AdamW(clone.parameters(), lr=1e-9)  # a step, not a change
     device = images.device
 
     def call():
         with autocast_for(precision, device):
-            loss = F.cross_entropy(clone(images).float(), labels)
+            loss = F.cross_entropy(forward(images).float(), labels)
+            if aux_loss is not None:
+                loss = loss + aux_loss(clone).to(loss.device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,0 +1,86 @@
+"""`moebench measure`: quiet re-timing of finished runs, written into result.json, preferred by pareto."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from moebench.measure import Subject, record, time_rounds
+from moebench.measure import main as measure_main
+
+from test_cli import moebench
+
+
+def test_rounds_rotate_the_order_and_the_record_keeps_medians_over_rounds():
+    order = []
+    subjects = [Subject(Path(name), name, {"precision": "bf16"},
+                        {"infer": (lambda name=name: order.append(name), 4), "latency": (lambda: None, 1)})
+                for name in "abc"]
+    time_rounds(subjects, rounds=3, repeats=2, device=torch.device("cpu"), warmup_s=0.0)
+    timed = [name for name in order[-18:]]  # after the warm-up: 3 rounds x 3 runs x 2 calls
+    assert timed[::2] == list("abc" "bca" "cab")
+    subject = subjects[0]
+    subject.rounds = {"infer": [0.004, 0.100, 0.008], "latency": [0.001, 0.002, 0.003]}  # one disturbed round
+    out = record(subject, rounds=3, repeats=2, threads=1, device=torch.device("cpu"), together=3)
+    assert out["infer_ms_per_image"] == pytest.approx(1e3 * 0.008 / 4) and out["latency_ms"] == pytest.approx(2.0)
+    assert out["infer_images_per_s"] == pytest.approx(4 / 0.008) and "train_images_per_s" not in out
+    assert out["precision"] == "bf16" and out["rounds"] == 3 and out["round_ms"]["infer"][1] == pytest.approx(100)
+    assert {"date", "threads", "machine", "device", "runs_measured_together"} <= set(out) and out["machine"]["cpu"]
+
+
+def test_measure_rewrites_only_cost_measured_and_pareto_prefers_it(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = moebench("train", "-m", "experiment=smoke", "router=soft", "precision=fp32,bf16", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failed = sweep / "9_failed"
+    failed.mkdir()
+    (failed / "result.json").write_text(json.dumps({"status": "failed", "error": "boom", "config": {}}))
+    runs = sorted(p.parent for p in sweep.glob("*/last.pt"))
+    assert len(runs) == 2
+    before = {run: json.loads((run / "result.json").read_text()) for run in runs}
+
+    proc = moebench("measure", str(sweep), "--rounds", "2", "--repeats", "1", "--train", "--threads", "1",
+                    "--warmup-s", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped {failed.resolve()} (status failed)" in proc.stdout
+    for run in runs:
+        after = json.loads((run / "result.json").read_text())
+        measured = after.pop("cost_measured")
+        assert after == before[run]  # every other key kept as it was
+        assert len(measured["round_ms"]["infer"]) == 2 and measured["threads"] == 1
+        assert measured["runs_measured_together"] == 2 and measured["batch_size"] == 8
+        for key in ("infer_ms_per_image", "latency_ms", "train_images_per_s"):
+            assert measured[key] > 0, key
+        assert measured["precision"] == after["config"]["precision"] and measured["compile"] is False
+        assert measured["infer_ms_per_image"] == pytest.approx(statistics.median(measured["round_ms"]["infer"]) / 8)
+    assert {json.loads((run / "result.json").read_text())["cost_measured"]["precision"] for run in runs} == {"fp32", "bf16"}
+    assert json.loads((failed / "result.json").read_text()) == {"status": "failed", "error": "boom", "config": {}}
+
+    proc = moebench("pareto", str(sweep), "--wandb-mode", "disabled", "--allow-mixed")  # fp32 and bf16: two setups
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "timings from `moebench measure` (cost_measured) for 2 of 2 runs" in proc.stdout
+    rows = json.loads((sweep / "pareto.json").read_text())["runs"]
+    for row in rows:
+        measured = json.loads((sweep / row["run"] / "result.json").read_text())["cost_measured"]
+        assert row["timing"] == "measured" and row["infer_ms_per_image"] == measured["infer_ms_per_image"]
+        assert row["train_ms_per_image"] == pytest.approx(measured["train_ms_per_image"])
+
+
+def test_measure_errors_are_one_line(tmp_path, capsys):
+    proc = moebench("measure", str(tmp_path / "nope"))  # end to end once: exit code, one line, no traceback
+    assert proc.returncode == 2 and proc.stderr.strip() == f"moebench: error: {tmp_path / 'nope'}: no such run or sweep directory"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"status": "completed", "config": {}}))
+    (run / "last.pt").write_bytes(b"not a checkpoint")
+    assert measure_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read checkpoint {run / 'last.pt'}" in err and "no completed run with a checkpoint to measure" in err
+    assert len(err.strip().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        measure_main([str(tmp_path), "--rounds", "0"])
+    assert "--rounds: must be >= 1" in capsys.readouterr().err
