@@ -9,9 +9,12 @@ Hydra's files. Everything here is a no-op in a single process.
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import re
+import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
@@ -62,7 +65,8 @@ def setup() -> list[str]:
     if not ranks.enabled:
         return []
     if not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=collective_timeout())
     stamp = [_STAMP]
     dist.broadcast_object_list(stamp, src=0)
     _STAMP = stamp[0]
@@ -72,13 +76,44 @@ def setup() -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
-def teardown() -> None:
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the other ranks before it fails (a hung or lost rank):
+    ``MOEBENCH_COLLECTIVE_TIMEOUT_S``, default 10 minutes (torch's own default is 30)."""
+    return timedelta(seconds=float(os.environ.get("MOEBENCH_COLLECTIVE_TIMEOUT_S", 600)))
+
+
+def teardown(ok: bool = True) -> None:
     """Leave the process group together, after the objects that hold it (DDP's reducer) are gone:
-    gloo threads still alive at interpreter shutdown can abort the process."""
-    if dist.is_initialized():
+    gloo threads still alive at interpreter shutdown can abort the process.
+
+    After an error (``ok=False``) there is no together: the other ranks may be
+    stuck in a collective or gone, so this process leaves at once (``abandon``).
+    """
+    if not dist.is_initialized():
+        return
+    if ok:
         dist.barrier()
         gc.collect()
         dist.destroy_process_group()
+
+
+def abandon(code: int) -> None:
+    """End this rank now, without waiting for the others (a barrier after an error would hang
+    until the collective timeout). torchrun then stops the remaining ranks."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+_PEER_FAILURE = re.compile(r"Connection (reset|closed) by peer|Broken pipe|remote process exited|"
+                           r"NCCL communicator was aborted|Timed out|timed out|Socket Timeout|gloo/transport",
+                           re.IGNORECASE)
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """An error that only says another rank failed (its own error is the one to report)."""
+    return current().enabled and isinstance(err, RuntimeError) and bool(_PEER_FAILURE.search(str(err)))
 
 
 def device_for(name: str, ranks: Ranks) -> str:
@@ -115,6 +150,15 @@ def sum_over_ranks(values: list[float], ranks: Ranks, device) -> list[float]:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
+    return t.tolist()
+
+
+def max_over_ranks(values: list[float], ranks: Ranks, device) -> list[float]:
+    """Element-wise maximum over the ranks: "did any rank see this?" for a list of flags."""
+    if not ranks.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, or belongs to another experiment."""
+
+
+class RecordError(UserError):
+    """A run's file that cannot be written (disk full, read-only dir); the files before it are intact."""

@@ -6,6 +6,7 @@ resumed and audited without W&B. Writes that replace a file are atomic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from . import faults
+
 
 def _atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same dir, then rename: readers never see half a file."""
@@ -22,14 +25,37 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; records follow the user's umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            faults.hit(f"write:{path.name}")  # the tests' kill -9 in the middle of a write
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a crash too
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):  # a full disk or a removed dir: the write's own error matters
+            os.unlink(tmp)
         raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory
+    finally:
+        os.close(fd)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, obj) -> None:

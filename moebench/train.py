@@ -2,8 +2,9 @@
 
 The only module that turns a config into objects. One call of ``run_job``
 is one run: it leaves ``result.json``, ``metrics.jsonl``, checkpoints and a
-W&B run in its run dir, whatever happens (status completed, failed or
-interrupted).
+W&B run in its run dir, whatever happens (status completed, stopped,
+preempted, diverged or failed: status.py). ``train_and_measure`` is
+``build`` -> ``fit`` -> ``measure`` around one ``RunState``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import json
 import logging
 import math
 import os
+import shlex
+import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -25,12 +29,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from . import cost, distributed
+from . import checkpoint, cost, distributed, faults, preflight, schema, status
+from .checkpoint import check_resume_config, checkpoint_path, flatten, load_checkpoint  # noqa: F401 (API)
 from .data import DataError, Loader, load_data
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import CheckpointError, ConfigError, RecordError, UserError
 from .moe import DenseMLP, ExpertsChoiceMoE, MoELayer, SoftMoE, TokensChoiceMoE, collect_aux_loss, collect_metrics
 from .moe import count_parameters, expert_parallel_parameters, shard_experts
 from .moe.decay import weight_decay_split
+from .preemption import DEFAULT_SIGNALS, StopRequest
 from .progress import TrainProgress, announce_run, print_summary
 from .tracking import RunRecorder, atomic_torch_save, run_name, sweep_group
 from .vit import ViT, moe_block_indices
@@ -39,10 +45,9 @@ from . import probe  # eval.probe: few-shot probes after training
 log = logging.getLogger("moebench")
 
 ROUTERS = {"soft": SoftMoE, "tokens_choice": TokensChoiceMoE, "experts_choice": ExpertsChoiceMoE, "dense": DenseMLP}
-# Config keys that must agree between a checkpoint and the run that resumes it.
-RESUME_KEYS = ("model", "router", "data", "seed", "train.epochs", "train.lr", "train.schedule", "train.warmup_epochs")
-
-FAILED_JOBS: list[str] = []  # run dirs of jobs that failed in this process (the CLI's exit code)
+FAILED_JOBS = status.FAILED_JOBS  # run dirs of jobs that did not end well (the CLI's exit code)
+COMMAND: preflight.Command | None = None  # this process's checked command line (main)
+STARTUP_STOP = StopRequest()  # signals before and between jobs (main): remembered for the next job
 
 
 # ----------------------------------------------------------------------------- config -> objects
@@ -209,50 +214,7 @@ def optimizer_record(optimizer: torch.optim.Optimizer) -> dict:
     return record
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def checkpoint_path(resume: str) -> Path:
-    path = Path(resume).expanduser()
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
-        raise CheckpointError(f"resume={resume}: no checkpoint at {path} (give a run dir holding last.pt, or a .pt file)")
-    return path
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, unpickling refused...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch", "config"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is not a moebench checkpoint (missing model/optimizer/epoch/config)")
-    return ckpt
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_resume_config(saved: dict, cfg: DictConfig, path: Path) -> None:
-    """A resumed run must be the same experiment: compare the keys that define it."""
-    old, new = flatten(saved), flatten(OmegaConf.to_container(cfg, resolve=True))
-    for key in sorted(old.keys() | new.keys()):
-        if key.startswith(RESUME_KEYS) and old.get(key) != new.get(key):
-            raise CheckpointError(
-                f"checkpoint {path} does not match this run: {key} was {old.get(key)}, now {new.get(key)}; "
-                "resume with the original run's overrides"
-            )
-
-
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model, loader, device, autocast, ranks: distributed.Ranks) -> dict[str, float]:
     """Test loss, top-1 and top-5 over the whole split (each rank scores its part; label -1 is padding)."""
@@ -274,11 +236,75 @@ def evaluate(model, loader, device, autocast, ranks: distributed.Ranks) -> dict[
     return out
 
 
-def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> dict:
+# ----------------------------------------------------------------------------- the run: build, fit, measure
+
+@dataclass
+class RunState:
+    """One run between ``build`` and ``measure``: its objects and its position in training
+    (what a checkpoint saves, what ``fit`` advances, what the records report)."""
+    cfg: DictConfig
+    run_dir: Path
+    ranks: distributed.Ranks
+    device: torch.device
+    data: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sharded: list
+    replicated: list
+    params: dict
+    norm: dict
+    train_loader: Loader
+    test_loader: Loader
+    val_loader: Loader | None
+    config: dict
+    throughput: cost.Throughput
+    amp_dtype: torch.dtype | None = None
+    train_model: torch.nn.Module | None = None  # the model as trained: DDP-wrapped, compiled
+    recorder: RunRecorder | None = None
+    epoch: int = 0  # epochs done...
+    batch: int = 0  # ...plus the batches of the next one done
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"val_top1": -1.0, "epoch": None, "test": {}})
+    last_eval: dict = field(default_factory=dict)
+    skipped_steps: int = 0  # non-finite steps skipped (train.skip_nonfinite_steps)
+    last_finite_loss: float | None = None
+    outcome: str = status.COMPLETED  # how fit() ended
+    signum: int | None = None  # the signal that preempted it
+    diverged: dict | None = None  # where and how it diverged
+    started: float = field(default_factory=time.monotonic)
+    last_checkpoint: float = field(default_factory=time.monotonic)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.epochs * self.steps_per_epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.cfg.train.warmup_epochs * self.steps_per_epoch)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict,
+                      stopper: StopRequest | None = None) -> dict:
     """Everything of one run after validation; fills ``state`` as it goes (for failure records).
 
     Under torchrun every rank runs this; rank 0 alone writes records and checkpoints.
     """
+    run = build(cfg, run_dir, recorder_cfg, state)
+    fit(run, stopper or StopRequest(()))
+    if run.outcome in (status.PREEMPTED, status.DIVERGED):
+        return record_so_far(run)  # the rest would take time a preempted job does not have
+    return measure(run)
+
+
+def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> RunState:
+    """Data, model, optimizer and loaders; the checkpoint's state when resuming; records opened."""
     ranks = distributed.current()
     device = select_device(cfg.device, ranks)
     threads = distributed.threads_for(cfg.threads, ranks, parallel_jobs())
@@ -297,7 +323,6 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
         state["run_dir"] = run_dir
     if ranks.is_main:
         announce_run(run_dir, resumed_epoch=ckpt["epoch"] if ckpt is not None else None)
-
     d = cfg.data
     data = load_data(
         d.name, root=d.root, image_size=d.image_size, download=d.download,
@@ -325,42 +350,28 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
     if data.val_labels is not None:
         val_loader = Loader(data.val_images, data.val_labels, d.eval_batch_size, shuffle=False, drop_last=False,
                             **norm, **shard)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+    if len(train_loader) == 0:
         raise ConfigError(f"data.batch_size={d.batch_size} exceeds the {len(data.train_labels)} training images")
-    total_steps = cfg.train.epochs * steps_per_epoch
-    warmup_steps = round(cfg.train.warmup_epochs * steps_per_epoch)
-
-    start_epoch, step, wandb_id = 0, 0, None
-    # Model selection on the validation split: its best top-1, the epoch and that epoch's test scores.
-    best = {"val_top1": -1.0, "epoch": None, "test": {}}
-    throughput = cost.Throughput(skip=cfg.cost.skip_train_steps)
+    run = RunState(
+        cfg=cfg, run_dir=run_dir, ranks=ranks, device=device, data=data, model=model, optimizer=optimizer,
+        sharded=sharded, replicated=replicated, params=params, norm=norm, train_loader=train_loader,
+        test_loader=test_loader, val_loader=val_loader, config=OmegaConf.to_container(cfg, resolve=True),
+        throughput=cost.Throughput(skip=cfg.cost.skip_train_steps),
+        amp_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+    )
+    state["run"] = run
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])  # full expert tensors: any world size, sharded or not
-            optimizer.load_state_dict(distributed.optimizer_state_local(ckpt["optimizer"], optimizer, sharded, ranks))
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"checkpoint {cfg.resume} does not fit this model: {str(err).splitlines()[0]}") from None
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        best = ckpt.get("best", best)
-        wandb_id = ckpt.get("wandb_id")
-        throughput.load_state_dict(ckpt.get("throughput", {}))
-        rank_states = ckpt["rng"].get("torch_ranks", [])
-        same_world = len(rank_states) == ranks.world_size
-        torch.set_rng_state(rank_states[ranks.rank] if same_world else ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        restore(run, ckpt)
 
     layout = f"; {ranks.world_size} processes{', experts sharded' if sharded else ''}" if ranks.enabled else ""
     log.info("model: %s router, %d params (%d active per token), MoE blocks %s, %d tokens%s",
              cfg.router.name, params["total"], params["active"], moe_blocks(cfg), model.num_tokens, layout)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    recorder = None
     if ranks.is_main:
-        recorder = RunRecorder(run_dir, config, wandb_cfg={**recorder_cfg, "id": wandb_id},
-                               resume_step=step if ckpt is not None else None)
-        state["recorder"] = recorder
-    train_model = model
+        checkpoint.remove_stale_temp_files(run_dir)
+        run.recorder = RunRecorder(run_dir, run.config, wandb_cfg={**recorder_cfg, "id": (ckpt or {}).get("wandb_id")},
+                                   resume_step=run.step if ckpt is not None else None)
+        state["recorder"] = run.recorder
+    run.train_model = model
     if ranks.enabled:
         if sharded:  # each rank owns different experts: DDP must neither broadcast nor average them
             # (DDP's own way to exclude parameters; a private helper, so pinned by the torchrun tests)
@@ -368,91 +379,189 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
                 model, [name for name, p in model.named_parameters() if id(p) in sharded_ids])
         r = cfg.router
         no_slot_logits = r.name == "soft" and "soft" not in (r.dispatch, r.combine)  # phi unused (Table 2 arms)
-        train_model = DistributedDataParallel(
+        run.train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=no_slot_logits,
         )
     if cfg.compile:
-        train_model = torch.compile(train_model)
-    amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+        run.train_model = torch.compile(run.train_model)
+    return run
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    started = time.monotonic()
-    last_eval: dict[str, float] = {}
-    epochs_done, stopped_early = start_epoch, False
-    model.train()
-    with TrainProgress(cfg.train.epochs, steps_per_epoch, start_epoch, enabled=ranks.is_main) as progress:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            train_loader.set_epoch(epoch)
-            for images, labels in train_loader:
-                factor = lr_factor(step, warmup_steps, total_steps, cfg.train.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.train.lr * factor * group["lr_mult"]
-                throughput.start()
-                with autocast():
-                    logits = train_model(images)
-                    task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
-                    aux_loss = collect_aux_loss(model).to(task_loss.device)
-                loss = task_loss + aux_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for p in sharded:  # their gradient sums all ranks' losses; DDP averages the others
-                    if p.grad is not None:
-                        p.grad.div_(ranks.world_size)
-                if cfg.train.grad_clip and sharded:
-                    distributed.clip_grad_norm(replicated, sharded, cfg.train.grad_clip, ranks)
-                elif cfg.train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                if device.type == "cuda":
+def restore(run: RunState, ckpt: dict) -> None:
+    """Continue where the checkpoint stopped: weights, optimizer, position, RNG streams."""
+    try:
+        run.model.load_state_dict(ckpt["model"])  # full expert tensors: any world size, sharded or not
+        run.optimizer.load_state_dict(
+            distributed.optimizer_state_local(ckpt["optimizer"], run.optimizer, run.sharded, run.ranks))
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {run.cfg.resume} does not fit this model: {str(err).splitlines()[0]}") from None
+    run.epoch, run.batch, run.step = ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]
+    run.best = ckpt.get("best", run.best)
+    run.last_eval = ckpt.get("last_eval", {})
+    run.skipped_steps = ckpt.get("skipped_steps", 0)
+    run.last_finite_loss = ckpt.get("last_finite_loss")
+    run.throughput.load_state_dict(ckpt.get("throughput", {}))
+    rank_states = ckpt["rng"].get("torch_ranks", [])
+    same_world = len(rank_states) == run.ranks.world_size
+    torch.set_rng_state(rank_states[run.ranks.rank] if same_world else ckpt["rng"]["torch"])
+    if run.device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+
+
+def fit(run: RunState, stopper: StopRequest) -> None:
+    """Train from the run's position to the last epoch, or until a signal, the time limit or
+    divergence stops it (``run.outcome``). The data order of an epoch depends on (seed, epoch)
+    only, so a resumed epoch replays it and skips the batches already trained on."""
+    cfg = run.cfg
+    steps_per_epoch = run.steps_per_epoch
+    run.model.train()
+    with TrainProgress(cfg.train.epochs, steps_per_epoch, run.epoch, enabled=run.ranks.is_main) as progress:
+        for epoch in range(run.epoch, cfg.train.epochs):
+            run.train_loader.set_epoch(epoch)
+            batches = iter(run.train_loader)
+            for _ in range(run.batch):  # the same shuffle and augmentation draws as an uninterrupted run
+                next(batches)
+            for images, labels in batches:
+                task_loss, aux_loss, grad_norm = forward_backward(run, images, labels)
+                signum, checkpoint_due, nonfinite = agree_after_step(run, stopper, task_loss, grad_norm)
+                if nonfinite and run.skipped_steps >= cfg.train.get("skip_nonfinite_steps", 0):
+                    run.outcome, run.diverged = status.DIVERGED, {
+                        "step": run.step + 1, "epoch": epoch + 1, "loss": str(task_loss.item()),
+                        "grad_norm": str(float(grad_norm)), "last_finite_loss": run.last_finite_loss,
+                    }
+                    return  # the weights stay those of the last finite step
+                if nonfinite:
+                    run.skipped_steps += 1
+                    run.optimizer.zero_grad(set_to_none=True)
+                    log.warning("step %d: non-finite loss or gradient: skipped (%d of train.skip_nonfinite_steps=%d)",
+                                run.step + 1, run.skipped_steps, cfg.train.skip_nonfinite_steps)
+                else:
+                    run.optimizer.step()
+                    run.last_finite_loss = task_loss.item()
+                if run.device.type == "cuda":
                     torch.cuda.synchronize()
-                throughput.stop(labels.numel() * ranks.world_size)
-                step += 1
-                if step % cfg.train.log_every == 0 or step == total_steps:
-                    metrics = distributed.mean_over_ranks({
-                        "train/loss": task_loss.item(), "train/aux_loss": aux_loss.item(),
-                        **{f"routing/{key}": value for key, value in collect_metrics(model).items()},
-                    }, ranks, device)
-                    metrics.update({"epoch": epoch + 1, "train/lr": cfg.train.lr * factor,
-                                    "train/images_per_s": throughput.images_per_s})
-                    if recorder:
-                        recorder.log(metrics, step=step)
-                progress.advance(loss=task_loss.item(), lr=cfg.train.lr * factor,
-                                 images_per_s=throughput.images_per_s)
-
-            last_eval = evaluate(model, test_loader, device, autocast, ranks)
-            val_eval = evaluate(model, val_loader, device, autocast, ranks) if val_loader else {}
-            is_best = bool(val_eval) and val_eval["top1"] > best["val_top1"]
-            if is_best:
-                best = {"val_top1": val_eval["top1"], "epoch": epoch + 1, "test": dict(last_eval)}
-            if recorder:
-                recorder.log({"epoch": epoch + 1, **{f"test/{k}": v for k, v in last_eval.items()},
-                              **{f"val/{k}": v for k, v in val_eval.items()}}, step=step)
-            epochs_done = epoch + 1
-            timing = progress.end_epoch(epochs_done, last_eval["top1"])
-            log.info("epoch %d/%d: test top1 %.2f%%, loss %.4f, %s", epoch + 1, cfg.train.epochs,
-                     100 * last_eval["top1"], last_eval["loss"], timing)
-            if cfg.train.save_checkpoints:
-                save_checkpoint(run_dir, is_best and cfg.train.save_best, ranks, {
-                    "model": model.state_dict(),  # collectives under expert parallelism: every rank calls them
-                    "optimizer": distributed.optimizer_state_full(optimizer, sharded, ranks),
-                    "rng": rng_state(device, ranks),
-                    "epoch": epoch + 1, "step": step, "best": best, "config": config,
-                    "wandb_id": recorder.wandb_run_id if recorder else None, "throughput": throughput.state_dict(),
-                })
+                run.throughput.stop(labels.numel() * run.ranks.world_size)
+                run.step += 1
+                run.batch += 1
+                log_step(run, epoch, task_loss, aux_loss, progress)
+                mid_epoch = run.batch < steps_per_epoch  # at an epoch's end its own checkpoint follows
+                if signum and mid_epoch:
+                    save_run_checkpoint(run)
+                    run.outcome, run.signum = status.PREEMPTED, signum
+                    return
+                if checkpoint_due and mid_epoch:
+                    save_run_checkpoint(run)
+            end_epoch(run, epoch, progress)
+            signum = int(distributed.max_over_ranks([float(stopper.signum or 0)], run.ranks, run.device)[0])
+            if signum:
+                run.outcome, run.signum = status.PREEMPTED, signum
+                return
             limit = cfg.train.time_limit_min
-            out_of_time = limit is not None and time.monotonic() - started >= 60 * limit
-            if epoch + 1 < cfg.train.epochs and distributed.agree(out_of_time, ranks, device):
-                log.warning("train.time_limit_min=%s reached after epoch %d: stopping; resume=%s continues",
-                            limit, epoch + 1, run_dir)
-                stopped_early = True
-                break
+            out_of_time = limit is not None and time.monotonic() - run.started >= 60 * limit
+            if epoch + 1 < cfg.train.epochs and distributed.agree(out_of_time, run.ranks, run.device):
+                log.warning("train.time_limit_min=%s reached after epoch %d: stopping (status stopped, resumable)",
+                            limit, epoch + 1)
+                run.outcome = status.STOPPED
+                return
 
-    if not last_eval:  # resumed a run that had already finished: measure it as it is
-        last_eval = evaluate(model, test_loader, device, autocast, ranks)
-    measured = measure_cost(cfg, model, data, norm, params, throughput, device, ranks)
+
+def forward_backward(run: RunState, images, labels):
+    """One step's loss and gradients (not applied yet); returns (task loss, aux loss, gradient norm)."""
+    cfg, optimizer = run.cfg, run.optimizer
+    factor = lr_factor(run.step, run.warmup_steps, run.total_steps, cfg.train.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.train.lr * factor * group["lr_mult"]
+    run.throughput.start()
+    with run.autocast():
+        logits = run.train_model(images)
+        task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
+        aux_loss = collect_aux_loss(run.model).to(task_loss.device)
+    if faults.hit("step"):
+        task_loss = task_loss * float("nan")
+    loss = task_loss + aux_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in run.sharded:  # their gradient sums all ranks' losses; DDP averages the others
+        if p.grad is not None:
+            p.grad.div_(run.ranks.world_size)
+    max_norm = cfg.train.grad_clip or math.inf  # inf: the norm only (divergence check), grads unchanged
+    if run.sharded:
+        grad_norm = distributed.clip_grad_norm(run.replicated, run.sharded, max_norm, run.ranks)
+    elif cfg.train.grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters() if p.grad is not None])
+    return task_loss, aux_loss, grad_norm
+
+
+def agree_after_step(run: RunState, stopper: StopRequest, task_loss, grad_norm) -> tuple[int, bool, bool]:
+    """What every rank does after this step: (signal number or 0, write a step checkpoint, non-finite).
+    One small collective under torchrun, so that all ranks stop, save or skip at the same step."""
+    every = run.cfg.train
+    due = False
+    if run.ranks.is_main and every.get("save_checkpoints", True):
+        steps, minutes = every.get("checkpoint_every_steps"), every.get("checkpoint_every_min")
+        due = bool(steps and (run.step + 1) % steps == 0) or \
+            bool(minutes and time.monotonic() - run.last_checkpoint >= 60 * minutes)
+    nonfinite = not (math.isfinite(task_loss.item()) and math.isfinite(float(grad_norm)))
+    flags = distributed.max_over_ranks([float(stopper.signum or 0), float(due), float(nonfinite)],
+                                       run.ranks, run.device)
+    return int(flags[0]), flags[1] > 0, flags[2] > 0
+
+
+def log_step(run: RunState, epoch: int, task_loss, aux_loss, progress) -> None:
+    cfg, step = run.cfg, run.step
+    lr = cfg.train.lr * lr_factor(step - 1, run.warmup_steps, run.total_steps, cfg.train.schedule)
+    if step % cfg.train.log_every == 0 or step == run.total_steps:
+        metrics = distributed.mean_over_ranks({
+            "train/loss": task_loss.item(), "train/aux_loss": aux_loss.item(),
+            **{f"routing/{key}": value for key, value in collect_metrics(run.model).items()},
+        }, run.ranks, run.device)
+        metrics.update({"epoch": epoch + 1, "train/lr": lr, "train/images_per_s": run.throughput.images_per_s})
+        if run.skipped_steps:
+            metrics["train/skipped_nonfinite_steps"] = run.skipped_steps
+        if run.recorder:
+            run.recorder.log(metrics, step=step)
+    progress.advance(loss=task_loss.item(), lr=lr, images_per_s=run.throughput.images_per_s)
+
+
+def end_epoch(run: RunState, epoch: int, progress) -> None:
+    """Evaluate, keep the best validation epoch, log, and write the epoch's checkpoint."""
+    cfg, ranks, recorder = run.cfg, run.ranks, run.recorder
+    run.last_eval = last_eval = evaluate(run.model, run.test_loader, run.device, run.autocast, ranks)
+    val_eval = evaluate(run.model, run.val_loader, run.device, run.autocast, ranks) if run.val_loader else {}
+    is_best = bool(val_eval) and val_eval["top1"] > run.best["val_top1"]
+    if is_best:
+        run.best = {"val_top1": val_eval["top1"], "epoch": epoch + 1, "test": dict(last_eval)}
+    if recorder:
+        recorder.log({"epoch": epoch + 1, **{f"test/{k}": v for k, v in last_eval.items()},
+                      **{f"val/{k}": v for k, v in val_eval.items()}}, step=run.step)
+    timing = progress.end_epoch(epoch + 1, last_eval["top1"])
+    log.info("epoch %d/%d: test top1 %.2f%%, loss %.4f, %s", epoch + 1, cfg.train.epochs,
+             100 * last_eval["top1"], last_eval["loss"], timing)
+    run.epoch, run.batch = epoch + 1, 0
+    save_run_checkpoint(run, is_best=is_best and cfg.train.save_best)
+
+
+def save_run_checkpoint(run: RunState, is_best: bool = False) -> None:
+    """last.pt (and best.pt) at the run's position; every rank takes part (collectives), rank 0 writes."""
+    if not run.cfg.train.save_checkpoints:
+        return
+    save_checkpoint(run.run_dir, is_best, run.ranks, {
+        "model": run.model.state_dict(),  # collectives under expert parallelism: every rank calls them
+        "optimizer": distributed.optimizer_state_full(run.optimizer, run.sharded, run.ranks),
+        "rng": rng_state(run.device, run.ranks),
+        "epoch": run.epoch, "batch": run.batch, "step": run.step, "best": run.best, "last_eval": run.last_eval,
+        "skipped_steps": run.skipped_steps, "last_finite_loss": run.last_finite_loss, "config": run.config,
+        "wandb_id": run.recorder.wandb_run_id if run.recorder else None, "throughput": run.throughput.state_dict(),
+    })
+    run.last_checkpoint = time.monotonic()
+
+
+def record_so_far(run: RunState) -> dict:
+    """The run's record with what it has measured up to now (any status)."""
+    last_eval, best = run.last_eval, run.best
     quality = {
         "top1": last_eval.get("top1"),  # the final model on the test split
         "loss": last_eval.get("loss"),
@@ -462,20 +571,37 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state:
     }
     if "top5" in last_eval:
         quality["top5"] = last_eval["top5"]
-    return {
-        "config": config,
-        "cost": measured,
+    record = {
+        "config": run.config,
+        "cost": {"params_total": run.params["total"], "params_active": run.params["active"],
+                 "train_images_per_s": run.throughput.images_per_s},
         "quality": quality,
-        "status": "interrupted" if stopped_early else "completed",
-        "epochs_completed": epochs_done,
-        "train_time_s": time.monotonic() - started,
-        "device": str(device),
-        "processes": ranks.world_size,
+        "status": run.outcome,
+        "epochs_completed": run.epoch,
+        "position": {"epoch": run.epoch, "batch": run.batch, "step": run.step},
+        "train_time_s": time.monotonic() - run.started,
+        "device": str(run.device),
+        "processes": run.ranks.world_size,
         "threads": torch.get_num_threads(),
-        "expert_parallel": bool(sharded),
-        "optimizer": optimizer_record(optimizer),
-        "run_dir": str(run_dir),
+        "expert_parallel": bool(run.sharded),
+        "optimizer": optimizer_record(run.optimizer),
+        "run_dir": str(run.run_dir),
     }
+    if run.skipped_steps:
+        record["skipped_nonfinite_steps"] = run.skipped_steps
+    if run.signum:
+        record["signal"] = status.signal_name(run.signum)
+    if run.diverged:
+        record["diverged"] = run.diverged
+    return record
+
+
+def measure(run: RunState) -> dict:
+    """The trained model's cost, and the final record."""
+    if not run.last_eval:  # resumed a run that had already finished: measure it as it is
+        run.last_eval = evaluate(run.model, run.test_loader, run.device, run.autocast, run.ranks)
+    measured = measure_cost(run.cfg, run.model, run.data, run.norm, run.params, run.throughput, run.device, run.ranks)
+    return {**record_so_far(run), "cost": measured}
 
 
 def parallel_jobs() -> int:
@@ -495,10 +621,14 @@ def rng_state(device: torch.device, ranks: distributed.Ranks) -> dict:
 
 
 def save_checkpoint(run_dir: Path, is_best: bool, ranks: distributed.Ranks, ckpt_state: dict) -> None:
-    if ranks.is_main:
-        atomic_torch_save(ckpt_state, run_dir / "last.pt")
-        if is_best:
-            atomic_torch_save(ckpt_state, run_dir / "best.pt")
+    if not ranks.is_main:
+        return
+    for name in ("last.pt", "best.pt") if is_best else ("last.pt",):
+        try:
+            atomic_torch_save(ckpt_state, run_dir / name)
+        except OSError as err:  # the previous checkpoint is intact: the write went to a temp file
+            raise RecordError(f"cannot write checkpoint {run_dir / name}: {err.strerror or err}; "
+                              "the previous checkpoint is intact") from None
 
 
 def measure_cost(cfg, model, data, norm, params, throughput, device, ranks: distributed.Ranks) -> dict | None:
@@ -539,20 +669,22 @@ def previous_result(cfg: DictConfig, run_dir: Path) -> dict | None:
 
     A run dir that already holds a completed run of this config is not trained
     again (its result is returned); one that holds a checkpoint of an unfinished
-    run is resumed from it.
+    run (stopped, preempted, killed...) is resumed from it.
     """
     if cfg.resume:
         return None
     result_file = run_dir / "result.json"
+    last = run_dir / "last.pt"
     if result_file.is_file():
         try:
             previous = json.loads(result_file.read_text())
         except (OSError, json.JSONDecodeError):
             previous = {}
-        if previous.get("status") == "completed":
+        if previous.get("status") == status.COMPLETED:
             check_resume_config(previous.get("config", {}), cfg, result_file)
-            return previous
-    if (run_dir / "last.pt").is_file():
+            if previous.get("epochs_completed", 0) >= cfg.train.epochs or not last.is_file():
+                return previous
+    if last.is_file():
         log.info("%s holds an unfinished run: resuming it", run_dir)
         cfg.resume = str(run_dir)
     return None
@@ -570,58 +702,110 @@ def wandb_settings(cfg: DictConfig) -> dict:
 
 
 def run_job(cfg: DictConfig) -> dict:
-    """One Hydra job. User errors end it with one line and status "failed";
-    under -m the sweep goes on with the next job."""
+    """One Hydra job. User errors end it with one line and status "failed", divergence with
+    status "diverged"; under -m the sweep goes on with the next job. A signal ends it with
+    status "preempted" after a checkpoint, and ends the command (a sweep too)."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    ranks = distributed.current()
     state: dict = {"run_dir": run_dir}
-    status, error, result, skipped = "failed", None, None, False
+    outcome, error, result, skipped = status.FAILED, None, None, False
+    stopper = StopRequest(cfg.train.get("preempt_signals") or DEFAULT_SIGNALS)
+    stopper.signum = STARTUP_STOP.signum  # a signal while the command started: stop after the first step
     try:
-        validate(cfg)
-        probe.check_config(cfg)
-        previous = previous_result(cfg, run_dir)
-        if previous is not None:  # its records are already on disk
-            log.info("%s already holds this completed run: skipping it", run_dir)
-            skipped = True
-            return previous
-        result = train_and_measure(cfg, run_dir, wandb_settings(cfg), state)
-        probe.after_training(cfg, result, state["run_dir"])  # eval.probe: few-shot probes into the result
-        status = result["status"]
-        return result
+        with stopper:
+            validate(cfg)
+            schema.check(OmegaConf.to_container(cfg, resolve=True))
+            probe.check_config(cfg)
+            if ranks.is_main:
+                checkpoint.lock_run_dir(run_dir)
+            previous = previous_result(cfg, run_dir)
+            if previous is not None:  # its records are already on disk
+                log.info("%s already holds this completed run: skipping it", run_dir)
+                skipped, outcome = True, status.COMPLETED
+                return previous
+            result = train_and_measure(cfg, run_dir, wandb_settings(cfg), state, stopper)
+            probe.after_training(cfg, result, state["run_dir"])  # eval.probe: few-shot probes into the result
+            outcome = result["status"]
+            return result
     except (UserError, DataError) as err:
         error = str(err)
-        if distributed.current().is_main:
+        if ranks.is_main:
             print(f"moebench: error: {error}", file=sys.stderr, flush=True)  # one plain line, never wrapped
-        FAILED_JOBS.append(str(state["run_dir"]))
         if not multirun:
-            raise SystemExit(2) from None
-        return {"status": "failed", "error": error}
-    except KeyboardInterrupt:
-        status, error = "interrupted", "KeyboardInterrupt"
-        raise
-    except Exception as err:  # a bug: keep the traceback in the log, but let a sweep go on
+            raise SystemExit(status.EXIT_BAD_INPUT) from None
+        return {"status": status.FAILED, "error": error}
+    except KeyboardInterrupt:  # a second Ctrl-C: out now, with the last checkpoint written
+        outcome, error = status.PREEMPTED, "KeyboardInterrupt (SIGINT twice): stopped mid-step"
+        state["signum"] = signal.SIGINT
+        return {}
+    except Exception as err:
         error = f"{type(err).__name__}: {err}"
-        FAILED_JOBS.append(str(state["run_dir"]))
+        if ranks.enabled:  # one line per failing rank, and no waiting for the others (see main)
+            if distributed.is_peer_failure(err):
+                error = f"another rank failed ({error.splitlines()[0]})"
+            else:
+                print(f"moebench: error: rank {ranks.rank}: {error.splitlines()[0]}", file=sys.stderr, flush=True)
+            raise SystemExit(status.EXIT_FAILED) from None
         if not multirun:
-            raise
-        log.exception("job failed: %s", error)
-        return {"status": "failed", "error": error}
+            raise  # a bug: the traceback helps
+        log.exception("job failed: %s", error)  # keep the traceback in the log, but let a sweep go on
+        return {"status": status.FAILED, "error": error}
     finally:
-        if not skipped and distributed.current().is_main:
-            leave_record(cfg, state, result, status, error)
+        run = state.get("run")
+        if not skipped:
+            status.note(str(state["run_dir"]), outcome)
+            if ranks.is_main:
+                leave_record(cfg, state, result, outcome, error)
+        if ranks.is_main:
+            checkpoint.unlock_run_dir(state["run_dir"])
+        if outcome == status.PREEMPTED:
+            signum = (run.signum if run is not None and run.signum else None) or state.get("signum") or signal.SIGTERM
+            if ranks.is_main:
+                announce_stop(state["run_dir"], signum, run, multirun)
+            raise SystemExit(status.exit_code(status.PREEMPTED, signum))  # the sweep stops too
 
 
-def leave_record(cfg: DictConfig, state: dict, result: dict | None, status: str, error: str | None) -> None:
-    """Write result.json whatever happened (a failed or interrupted run too) and close the W&B run."""
+def announce_stop(run_dir: Path, signum: int, run: "RunState | None", multirun: bool) -> None:
+    """Where the preempted run is and the exact command that continues it (stderr: logs of batch jobs)."""
+    where = f"step {run.step} (epoch {run.epoch + 1}, batch {run.batch}/{run.steps_per_epoch})" if run else "startup"
+    print(f"moebench: {status.signal_name(signum)}: preempted at {where}; run dir: {run_dir}", file=sys.stderr)
+    print(f"moebench: resume with: {resume_command(run_dir, multirun)}", file=sys.stderr, flush=True)
+
+
+def resume_command(run_dir: Path, multirun: bool) -> str:
+    if COMMAND is not None:
+        return COMMAND.resume_command(run_dir)
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    return shlex.join(["moebench", "train", *overrides, f"resume={run_dir}"])
+
+
+def leave_record(cfg: DictConfig, state: dict, result: dict | None, outcome: str, error: str | None) -> None:
+    """Write result.json whatever happened (with what the run had measured so far) and close the W&B run."""
     recorder = state.get("recorder")
-    if result is None:
-        result = {"config": resolved_or_raw(cfg), "status": status, "error": error}
+    run = state.get("run")
+    if not result:
+        result = record_so_far(run) if run is not None else {"config": resolved_or_raw(cfg)}
+        result.update({"status": outcome, "error": error})
+        if state.get("signum"):
+            result["signal"] = status.signal_name(state["signum"])
+    if outcome == status.DIVERGED and result.get("diverged"):
+        d = result["diverged"]
+        print(f"moebench: diverged at step {d['step']} (loss {d['loss']}, gradient norm {d['grad_norm']}; "
+              f"last finite loss {d['last_finite_loss']}); record: {state['run_dir']}/result.json",
+              file=sys.stderr, flush=True)
+    try:
         if recorder is None:
             recorder = RunRecorder(state["run_dir"], result["config"], wandb_cfg=None)
-    recorder.write_result(result)
-    recorder.finish(exit_code=0 if status == "completed" else 1)
-    if status in ("completed", "interrupted") and result.get("cost"):
+        recorder.write_result(result)
+    except OSError as err:  # e.g. the disk filled up: what was written before stays as it was
+        if outcome != status.FAILED:
+            print(f"moebench: error: cannot write {state['run_dir']}/result.json: {err.strerror}", file=sys.stderr)
+    finally:
+        if recorder is not None:
+            recorder.finish(exit_code=0 if outcome in (status.COMPLETED, status.STOPPED) else 1)
+    if outcome in (status.COMPLETED, status.STOPPED) and result.get("cost"):
         print_summary(result)
 
 
@@ -659,13 +843,33 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main(args: list[str]) -> int:
-    """Run the Hydra app with ``args`` as its command line; returns the exit code."""
-    FAILED_JOBS.clear()
-    sys.argv = ["moebench train", *args, *distributed.setup()]  # under torchrun: join the ranks first
+    """Run the Hydra app with ``args`` as its command line; returns the exit code (status.py)."""
+    global COMMAND
+    status.clear()
+    STARTUP_STOP.signum = None
+    extra = distributed.setup()  # under torchrun: join the ranks first
+    ranks = distributed.current()
+    code = status.EXIT_OK
     try:
-        _hydra_main()
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
+        try:
+            COMMAND = preflight.prepare(args, conf_dir(), validate)
+            if COMMAND.run_dir is not None and ranks.is_main:
+                checkpoint.lock_run_dir(COMMAND.run_dir)
+        except UserError as err:  # nothing was written
+            if ranks.is_main:
+                print(f"moebench: error: {err}", file=sys.stderr, flush=True)
+            code = status.EXIT_BAD_INPUT
+            return code
+        sys.argv = ["moebench train", *COMMAND.args, *extra]
+        try:
+            with STARTUP_STOP:
+                _hydra_main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+            return code
+        code = status.command_exit_code(COMMAND.multirun)
+        return code
     finally:
-        distributed.teardown()
-    return 1 if FAILED_JOBS else 0
+        distributed.teardown(ok=code == status.EXIT_OK)
+        if code != status.EXIT_OK and ranks.enabled:
+            distributed.abandon(code)  # the other ranks may be anywhere: no barrier, no waiting

@@ -145,6 +145,32 @@ def test_bad_input_is_one_clear_line_without_traceback(tmp_path, overrides, need
     assert "Traceback" not in out, out[-2000:]
 
 
+REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
+    (["experts=abc"], "experts (router.num_experts) must be an int >= 1, got 'abc'"),
+    (["experts=many"], "experts (router.num_experts) must be an int >= 1, got 'many'"),
+    (["train.epochs=two"], "train.epochs must be an int >= 1, got 'two'"),
+    (["experts=4.5"], "experts (router.num_experts) must be an int >= 1, got 4.5"),
+    (["train.lr=0"], "train.lr must be a number > 0, got 0"),
+    (["deterministic=maybe"], "deterministic must be true or false, got 'maybe'"),
+    (["data.val_fraction=1"], "data.val_fraction must be a number >= 0 and < 1, got 1"),
+    (["expert=8"], "unknown config key 'expert' (did you mean experts?)"),
+    (["+expert=8"], "unknown config key 'expert' (did you mean experts?)"),
+    (["router=tokens_choice", "+router.topk=2"], "unknown config key 'router.topk' (did you mean router.k?)"),
+    (["model=nope"], "model=nope is unknown; allowed: b, s, ti, tiny"),
+    (["experts=[1"], "cannot parse the overrides: no viable alternative at input '[1'"),
+    (["router=soft,dense"], "router=soft,dense: a sweep (several values) needs -m/--multirun"),
+    (["-m", "router=soft,dense", "experts=4,abc"], "experts (router.num_experts) must be an int >= 1, got 'abc'"),
+]
+
+
+@pytest.mark.parametrize("overrides,line", REFUSED_BEFORE_ANY_WORK, ids=[" ".join(o) for o, _ in REFUSED_BEFORE_ANY_WORK])
+def test_wrong_types_unknown_keys_and_bad_overrides_are_refused_before_any_work(tmp_path, overrides, line):
+    proc = moebench("train", *overrides, *TINY, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"moebench: error: {line}"], proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir
+
+
 def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
@@ -169,7 +195,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
 
     proc, cut = train(tmp_path, *common, "train.time_limit_min=0", name="cut")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert result(cut)["status"] == "interrupted" and result(cut)["epochs_completed"] == 1
+    assert result(cut)["status"] == "stopped" and result(cut)["epochs_completed"] == 1
     proc, _ = train(tmp_path, *common, f"resume={cut}", name="resumed")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result(cut)["status"] == "completed"
@@ -240,7 +266,7 @@ def test_torch_compile_keeps_the_aux_losses(tmp_path):
 def test_rerunning_into_the_same_dir_skips_completed_and_resumes_unfinished(tmp_path):
     common = ["router=soft", "train.epochs=2", "deterministic=true"]
     proc, run_dir = train(tmp_path, *common, "train.time_limit_min=0")
-    assert proc.returncode == 0 and result(run_dir)["status"] == "interrupted"
+    assert proc.returncode == 0 and result(run_dir)["status"] == "stopped"
     proc, _ = train(tmp_path, *common)  # the same command again (no time limit): picks up at epoch 1
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming" in proc.stdout + proc.stderr

@@ -1,0 +1,206 @@
+"""`moebench train`'s command line, checked before Hydra starts a job.
+
+Hydra reports a bad override as several lines (or, for a misspelled key,
+suggests ``+key=value``, which then runs with the key unused). Here every job of
+the command is composed first: override syntax, unknown groups and keys, and
+value types end as one line naming the key and the nearest known one, before
+any run dir exists. The same place pins what Hydra would otherwise compute in
+each process (the sweep and run dirs, from one start time) and points a resumed
+run at the dir it continues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import OmegaConf
+
+from . import checkpoint, schema
+from .errors import ConfigError, UserError
+
+PASSTHROUGH_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "experimental_rerun")
+MAX_JOBS_CHECKED = 64  # bigger sweeps: every value of every swept key once
+
+
+@dataclass
+class Command:
+    """The checked command: Hydra's argv and what a run needs to know about it."""
+    args: list[str]
+    multirun: bool = False
+    run_dir: Path | None = None  # single runs: the pinned run dir
+    sweep_dir: Path | None = None
+    user_args: list[str] = field(default_factory=list)
+
+    def resume_command(self, run_dir: Path) -> str:
+        """The command that continues ``run_dir`` (a single run) or the whole sweep."""
+        dir_key = "hydra.sweep.dir" if self.multirun else "hydra.run.dir"
+        kept = [a for a in self.user_args if not a.split("=", 1)[0].lstrip("+") in (dir_key, "resume")]
+        where = f"hydra.sweep.dir={self.sweep_dir}" if self.multirun else f"resume={run_dir}"
+        return shlex.join(["moebench", "train", *kept, where])
+
+
+def quote(value: str) -> str:
+    """A value for Hydra's override grammar, whatever characters a path holds."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def prepare(args: list[str], config_dir: str, validate=None) -> Command:
+    """Check ``args`` and return the argv to give Hydra. Raises UserError (one line) when they are wrong."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parsed_args = get_args_parser().parse_args(args)
+    except SystemExit:  # a bad flag: Hydra's own parser says so (once)
+        return Command(list(args))
+    command = Command(list(args), multirun=bool(parsed_args.multirun), user_args=list(args))
+    if any(getattr(parsed_args, flag, None) for flag in PASSTHROUGH_FLAGS) or parsed_args.config_dir \
+            or parsed_args.config_name or parsed_args.config_path:
+        return command
+    overrides = list(parsed_args.overrides)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(f"cannot parse the overrides: {one_line(err)}") from None
+    jobs = job_overrides(parsed, command.multirun)
+    if not jobs:  # a range or interval sweep: Hydra's sweeper checks it
+        return command
+    keys = {o.get_key_element().lstrip("+~") for o in parsed}
+
+    first, defaults = None, {}
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        for job in jobs:
+            cfg = compose_job(job)
+            first = first if first is not None else cfg
+            groups = tuple(o for o in job if is_group_choice(o))
+            if groups not in defaults:  # conf/'s values for these groups: the types of unlisted keys
+                defaults[groups] = compose_job(list(groups))
+            known = sorted(schema.flatten(resolve(defaults[groups], quiet=True)))
+            for o in job:
+                key = o.split("=", 1)[0]
+                if key.startswith("+") and not key.lstrip("+").startswith("hydra") \
+                        and not any(k == key.lstrip("+") or k.startswith(key.lstrip("+") + ".") for k in known):
+                    raise schema.unknown_key_error(key.lstrip("+"), known)
+            schema.check(resolve(cfg), resolve(defaults[groups], quiet=True))
+            if validate is not None and not command.multirun:
+                validate(cfg)
+
+    hydra_cfg = first.hydra
+    if command.multirun:
+        if "hydra.sweep.dir" not in keys:  # every launcher's workers would compute their own otherwise
+            command.args.append(f"hydra.sweep.dir={quote(str(hydra_cfg.sweep.dir))}")
+        command.sweep_dir = Path(str(hydra_cfg.sweep.dir))
+        return command
+
+    run_dir = Path(str(hydra_cfg.run.dir))
+    resume = first.get("resume")
+    if resume:
+        ckpt_file = checkpoint.checkpoint_path(str(resume))
+        ckpt = checkpoint.load_checkpoint(ckpt_file)
+        checkpoint.check_resume_config(ckpt["config"], resolve(first), ckpt_file)
+        run_dir = ckpt_file.parent  # a resumed run writes everything (.hydra/, train.log too) where it began
+        command.args = [a for a in command.args if a.split("=", 1)[0].lstrip("+") != "hydra.run.dir"]
+        command.args.append(f"hydra.run.dir={quote(str(run_dir))}")
+    else:
+        check_previous_run(run_dir, resolve(first))
+        if "hydra.run.dir" not in keys:
+            command.args.append(f"hydra.run.dir={quote(str(run_dir))}")
+    command.run_dir = run_dir
+    return command
+
+
+GROUPS = ("model", "router", "data", "experiment", "variant")
+
+
+def is_group_choice(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key in GROUPS or "/" in key
+
+
+def check_previous_run(run_dir: Path, config: dict) -> None:
+    """Running again into a run dir continues (or skips) the run there: only if it is the same experiment."""
+    import json
+
+    result_file = run_dir / "result.json"
+    try:
+        previous = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    except (OSError, ValueError):
+        previous = {}
+    if previous.get("status") == "completed" and previous.get("config"):
+        checkpoint.check_resume_config(previous["config"], config, result_file)
+    elif (run_dir / "last.pt").is_file():
+        ckpt = checkpoint.load_checkpoint(run_dir / "last.pt")
+        checkpoint.check_resume_config(ckpt["config"], config, run_dir / "last.pt")
+
+
+def job_overrides(parsed, multirun: bool) -> list[list[str]]:
+    """The override lists of the command's jobs (a sample of a big sweep: each value once)."""
+    per_key = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if not multirun:
+                raise ConfigError(f"{o.input_line}: a sweep (several values) needs -m/--multirun")
+            if not o.is_discrete_sweep():
+                return []
+            per_key.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            per_key.append([o.input_line])
+    jobs = [list(job) for job in itertools.islice(itertools.product(*per_key), MAX_JOBS_CHECKED + 1)]
+    if len(jobs) <= MAX_JOBS_CHECKED:
+        return jobs
+    first = [values[0] for values in per_key]
+    return [first[:i] + [value] + first[i + 1:] for i, values in enumerate(per_key) for value in values]
+
+
+def compose_job(overrides: list[str]):
+    try:
+        return compose("train", overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as err:
+        missing = err.missing_cfg_file or ""
+        group, _, name = missing.rpartition("/")
+        if err.options and group:
+            raise ConfigError(f"{group}={name} is unknown; allowed: {', '.join(err.options)}") from None
+        raise ConfigError(one_line(err)) from None
+    except HydraException as err:
+        match = re.search(r"Could not override '([^']+)'", str(err))
+        if match:
+            key = match.group(1)
+            base = compose("train", overrides=[o for o in overrides if not o.startswith(key + "=")],
+                           return_hydra_config=False) if overrides else None
+            known = sorted(schema.flatten(OmegaConf.to_container(base, resolve=False))) if base is not None else []
+            raise schema.unknown_key_error(key, [*known, *GROUPS]) from None
+        raise ConfigError(one_line(err)) from None
+
+
+def resolve(cfg, quiet: bool = False) -> dict:
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)  # Hydra's own keys resolve only inside a job
+    try:
+        return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    except Exception as err:  # a broken interpolation, e.g. ${nope}
+        if quiet:
+            return {}
+        raise ConfigError(f"cannot resolve the config: {one_line(err)}") from None
+
+
+def one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        if line.startswith(("Config search path", "full_key", "object_type", "reference_type", "See https")):
+            break
+        kept.append(line)
+    return " ".join(kept) or type(err).__name__
+
+
+def fail(err: UserError) -> str:
+    return f"moebench: error: {err}"

@@ -1,0 +1,183 @@
+"""The typed schema of the train config: every value's type and range, checked before any work.
+
+conf/ stays the single source of defaults and of which keys exist; this module
+says what each value may be. Keys it does not list take the type of their
+default in conf/ (an int stays an int, a bool a bool...). Cross-key rules
+(k <= experts, divisibility by the number of processes...) are ``train.validate``'s.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str  # int, float, bool, str, list
+    low: float | None = None  # value >= low (or > low when ``open_low``)
+    open_low: bool = False
+    high: float | None = None  # value < high
+    choices: tuple = ()  # allowed strings (for kind str: the only ones; else: besides the kind)
+    nullable: bool = False
+    item: str | None = None  # kind list: the kind of each item
+
+    def allowed(self) -> str:
+        parts = []
+        if self.kind in ("int", "float"):
+            what = "an int" if self.kind == "int" else "a number"
+            if self.low is not None:
+                what += f" {'>' if self.open_low else '>='} {self.low:g}"
+            if self.high is not None:
+                what += f" and < {self.high:g}"
+            parts.append(what)
+        elif self.kind == "bool":
+            parts.append("true or false")
+        elif self.kind == "list":
+            parts.append(f"a list{f' of {self.item}s' if self.item else ''}, e.g. [1,2]")
+        elif not self.choices:
+            parts.append("a string")
+        parts += list(self.choices)
+        if self.nullable:
+            parts.append("null")
+        return ", ".join(parts[:-1]) + (" or " if len(parts) > 1 else "") + parts[-1]
+
+    def accepts(self, value) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, str) and value in self.choices:
+            return True
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "str":
+            return isinstance(value, str) and (not self.choices or value in self.choices)
+        if self.kind == "list":
+            return isinstance(value, list) and all(Spec(self.item).accepts(v) for v in value) if self.item \
+                else isinstance(value, list)
+        if isinstance(value, bool) or not isinstance(value, int if self.kind == "int" else NUMBER):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or value < self.high
+
+
+def Int(low=None, **kw) -> Spec:
+    return Spec("int", low, **kw)
+
+
+def Float(low=None, **kw) -> Spec:
+    return Spec("float", low, **kw)
+
+
+def Positive(**kw) -> Spec:
+    return Spec("float", 0, open_low=True, **kw)
+
+
+BOOL, STR = Spec("bool"), Spec("str")
+
+
+def Choice(*choices: str, **kw) -> Spec:
+    return Spec("str", choices=choices, **kw)
+
+
+ROUNDING = Int(1, choices=("ceil", "round"))
+SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
+
+SCHEMA: dict[str, Spec] = {
+    "seed": Int(0), "deterministic": BOOL, "device": STR, "precision": Choice("fp32", "bf16"), "compile": BOOL,
+    "resume": Spec("str", nullable=True), "threads": Int(1, choices=("auto",), nullable=True),
+    "expert_parallel": BOOL,
+    # train
+    "train.epochs": Int(1), "train.lr": Positive(), "train.weight_decay": Float(0), "train.betas": Spec("list", item="float"),
+    "train.warmup_epochs": Float(0), "train.schedule": Choice("cosine", "rsqrt", "constant"),
+    "train.grad_clip": Positive(nullable=True), "train.label_smoothing": Float(0, high=1), "train.log_every": Int(1),
+    "train.time_limit_min": Float(0, nullable=True), "train.save_checkpoints": BOOL, "train.save_best": BOOL,
+    "train.checkpoint_every_min": Positive(nullable=True), "train.checkpoint_every_steps": Int(1, nullable=True),
+    "train.skip_nonfinite_steps": Int(0), "train.preempt_signals": Spec("list", item="str"),
+    # cost
+    "cost.batch_size": Int(1), "cost.warmup": Int(0), "cost.repeats": Int(1), "cost.skip_train_steps": Int(0),
+    # wandb
+    "wandb.mode": Choice("offline", "online", "disabled"), "wandb.project": STR,
+    "wandb.entity": Spec("str", nullable=True), "wandb.group": Spec("str", nullable=True),
+    "wandb.name": Spec("str", nullable=True), "wandb.tags": Spec("list"),
+    # data
+    "data.name": STR, "data.root": Spec("str", nullable=True), "data.download": BOOL, "data.image_size": Int(1),
+    "data.num_train": Int(1, nullable=True), "data.num_test": Int(1, nullable=True), "data.val_fraction": Float(0, high=1),
+    "data.batch_size": Int(1), "data.eval_batch_size": Int(1), "data.augment.crop_padding": Int(0),
+    "data.augment.hflip": BOOL,
+    # model
+    "model.name": STR, "model.patch_size": Int(1), "model.dim": Int(1), "model.depth": Int(1), "model.heads": Int(1),
+    "model.mlp_dim": Int(1), "model.pool": Choice("gap", "cls"), "model.moe.placement": Choice("last", "every", "list"),
+    "model.moe.n": Int(0, nullable=True), "model.moe.layers": Spec("list", item="int", nullable=True),
+    # router (the shortcut keys are checked where a router uses them)
+    "router.num_experts": Int(1), "router.slots_per_expert": Int(1), "router.slot_factor": Positive(nullable=True),
+    "router.k": Int(1), "router.capacity_factor": Positive(), "router.group_size": Int(1),
+    "router.noise_std": Float(0), "router.capacity_rounding": ROUNDING, "router.lr_mult": Float(0),
+    "router.dispatch": Choice("soft", "uniform", "identity"), "router.combine": Choice("soft", "uniform", "identity"),
+    "router.importance_weight": Float(0), "router.load_weight": Float(0), "router.switch_weight": Float(0),
+    "router.z_loss_weight": Float(0),
+}
+SHORTCUTS = {"router.num_experts": "experts", "router.slots_per_expert": "slots", "router.k": "k",
+             "router.capacity_factor": "capacity_factor"}
+UNCHECKED = ("experts", "slots", "k", "capacity_factor", "hydra")  # shortcuts: through the router keys
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def inferred(default) -> Spec | None:
+    """The spec of a key the schema does not list: its default's type."""
+    if isinstance(default, bool):
+        return BOOL
+    if isinstance(default, int):
+        return Int()
+    if isinstance(default, float):
+        return Float()
+    if isinstance(default, str):
+        return STR
+    if isinstance(default, list):
+        return Spec("list")
+    return None  # null default: anything
+
+
+def label(key: str) -> str:
+    return f"{SHORTCUTS[key]} ({key})" if key in SHORTCUTS else key
+
+
+def check(config: dict, defaults: dict | None = None) -> None:
+    """Raise ConfigError for the first value of ``config`` (resolved, nested) of the wrong type or range.
+
+    ``defaults``: the config as conf/ composes it for the same groups, for the
+    types of keys the schema does not list.
+    """
+    flat, base = flatten(config), flatten(defaults or {})
+    for key, value in flat.items():
+        if key.split(".")[0] in UNCHECKED:
+            continue
+        spec = SCHEMA.get(key) or inferred(base.get(key))
+        if spec is not None and not spec.accepts(value):
+            raise ConfigError(f"{label(key)} must be {spec.allowed()}, got {value!r}")
+
+
+def unknown_key_error(key: str, known: list[str]) -> ConfigError:
+    """The error for a key conf/ does not have, naming the nearest one it has."""
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not near:  # compare the last part within the same section too: router.expert -> router.num_experts
+        section, _, leaf = key.rpartition(".")
+        siblings = [k for k in known if k.rpartition(".")[0] == section]
+        leaves = difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in siblings], n=1, cutoff=0.5)
+        near = [f"{section}.{leaves[0]}" if section else leaves[0]] if leaves else []
+    if near:
+        return ConfigError(f"unknown config key {key!r} (did you mean {near[0]}?)")
+    return ConfigError(f"unknown config key {key!r}; `moebench train --help` lists the keys")

@@ -1,0 +1,202 @@
+"""Fault injection: real signals and kill -9 at seeded random steps, a full disk, a corrupt
+checkpoint, two runs into one dir, divergence. Each case runs `moebench train` in a subprocess
+on smoke-sized configs (a few seconds per run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_cli import ENV, metric_lines, moebench, result
+
+# 4 steps per epoch (76 training images after the validation split, batches of 16), 12 in all;
+# Tokens Choice draws routing noise and the crop/flip augmentation draws from the loader's
+# generator: resuming must restore both streams exactly.
+RUN = ["experiment=smoke", "router=tokens_choice", "router.group_size=2", "train.epochs=3", "deterministic=true",
+       "data.num_train=96", "data.augment.crop_padding=1", "data.augment.hflip=true", "train.checkpoint_every_min=null"]
+TOTAL_STEPS = 12
+SLOW = {**ENV, "MOEBENCH_FAULT": "slow:step:1"}  # 0.1 s per step: time to signal a chosen step
+
+
+def start(run_dir: Path, *overrides: str, env: dict = SLOW, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "moebench", "train", *RUN, *overrides, f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+
+
+def logged_steps(run_dir: Path) -> int:
+    try:
+        return sum('"train/loss"' in line for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def signal_at(proc: subprocess.Popen, run_dir: Path, step: int, sig: int, after: int = 0) -> tuple[int, str]:
+    """Send ``sig`` once the run has logged ``step`` steps and more than ``after`` (where it
+    resumed), or it ended; returns (exit code, stderr)."""
+    deadline = time.monotonic() + 120
+    step = max(step, after + 1)
+    while proc.poll() is None and logged_steps(run_dir) < step and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def training_record(run_dir: Path) -> list[dict]:
+    """The logged lines without wall-clock figures."""
+    return [{k: v for k, v in line.items() if "images_per_s" not in k} for line in metric_lines(run_dir)]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa = torch.load(a / "last.pt", weights_only=True)
+    wb = torch.load(b / "last.pt", weights_only=True)
+    assert wa["step"] == wb["step"] == TOTAL_STEPS
+    for key, tensor in wa["model"].items():
+        assert torch.equal(tensor, wb["model"][key]), key
+    assert training_record(a) == training_record(b)  # every step's loss, routing metrics, evals; each once
+    assert result(a)["quality"] == result(b)["quality"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    proc = moebench("train", *RUN, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_signals_at_random_steps_then_resuming_equals_an_uninterrupted_run(tmp_path, straight):
+    run_dir = tmp_path / "cut"
+    rng = random.Random(1)
+    targets = sorted(rng.sample(range(1, TOTAL_STEPS - 1), 3))
+    preempted, positions = 0, []
+    resume_cmd = None
+    for target, sig in zip(targets, (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
+        if resume_cmd:  # the exact command the last preemption printed
+            args = shlex.split(resume_cmd)[2:]
+            proc = subprocess.Popen([sys.executable, "-m", "moebench", "train", *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=SLOW, cwd=tmp_path)
+        else:
+            proc = start(run_dir)
+        code, err = signal_at(proc, run_dir, target, sig, after=positions[-1] if positions else 0)
+        if code == 0:  # finished before the signal landed
+            break
+        assert code == 128 + sig, err[-3000:]
+        res = result(run_dir)
+        assert res["status"] == "preempted" and res["signal"] == signal.Signals(sig).name
+        assert "Traceback" not in err
+        ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+        assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == tuple(res["position"][k] for k in ("epoch", "batch", "step"))
+        positions.append(ckpt["step"])
+        assert res["quality"] is not None and res["cost"]["params_total"] > 0  # what it had measured so far
+        assert f"run dir: {run_dir}" in err
+        resume_cmd = err.split("moebench: resume with: ")[1].splitlines()[0]
+        preempted += 1
+    assert preempted >= 2, positions
+    assert positions == sorted(set(positions)) and any(p % 4 for p in positions), positions  # some mid-epoch
+    proc = moebench("train", *RUN, f"hydra.run.dir={run_dir}")  # the same command again finishes the run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert result(run_dir)["status"] == "completed"
+    assert_same_run(straight, run_dir)
+
+
+def test_kill_9_loses_at_most_the_checkpoint_interval(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    step = random.Random(2).randrange(5, TOTAL_STEPS - 2)
+    code, _ = signal_at(start(run_dir, "train.checkpoint_every_steps=2"), run_dir, step, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    assert logged_steps(run_dir) - ckpt["step"] <= 2  # at most one interval of steps lost
+    proc = moebench("train", *RUN, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0 and "resuming" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert_same_run(straight, run_dir)
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    env = {**ENV, "MOEBENCH_FAULT": "sigkill:write:last.pt:3"}  # dies inside the 3rd write of last.pt
+    proc = moebench("train", *RUN, "train.checkpoint_every_steps=1", f"hydra.run.dir={run_dir}", env=env)
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 2  # the 2nd write, whole
+    assert list(run_dir.glob(".last.pt.*.tmp"))  # the write that was cut short never replaced it
+    proc = moebench("train", *RUN, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(run_dir.glob(".*.tmp"))  # leftovers cleaned up
+    assert_same_run(straight, run_dir)
+
+
+def test_a_full_disk_is_one_clear_error_and_earlier_files_stay_intact(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**ENV, "MOEBENCH_FAULT": "enospc:write:last.pt:2"}
+    proc = moebench("train", *RUN, "train.checkpoint_every_steps=1", f"hydra.run.dir={run_dir}", env=env)
+    assert proc.returncode != 0
+    assert "moebench: error: cannot write checkpoint" in proc.stderr and "No space left on device" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 1
+    assert not list(run_dir.glob(".*.tmp"))
+    res = result(run_dir)
+    assert res["status"] == "failed" and "No space left" in res["error"] and res["position"]["step"] == 2
+
+
+def test_a_corrupt_checkpoint_in_the_run_dir_is_refused_and_kept(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(b"\x80\x02 half a checkpoint")
+    proc = moebench("train", *RUN, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2
+    assert "cannot read checkpoint" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert (run_dir / "last.pt").read_bytes() == b"\x80\x02 half a checkpoint"
+    assert not (run_dir / ".hydra").exists()  # refused before Hydra wrote anything
+
+
+def test_a_second_run_into_the_same_dir_refuses_while_the_first_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    long = ["train.epochs=40"]  # 160 slowed steps: still running when the second starts
+    first = start(run_dir, *long)
+    deadline = time.monotonic() + 120
+    while logged_steps(run_dir) < 1 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = moebench("train", *RUN, *long, f"hydra.run.dir={run_dir}")
+    assert second.returncode == 2
+    assert f"run dir {run_dir} is in use by another run (pid {first.pid})" in second.stderr
+    code, err = signal_at(first, run_dir, 0, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert result(run_dir)["status"] == "preempted"  # the first run's records are its own
+
+
+def test_divergence_stops_the_run_and_is_recorded(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**ENV, "MOEBENCH_FAULT": "nan:step:6"}
+    proc = moebench("train", *RUN, f"hydra.run.dir={run_dir}", env=env)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("moebench: diverged")]
+    assert len(lines) == 1 and "at step 6" in lines[0] and "Traceback" not in proc.stderr
+    res = result(run_dir)
+    finite = [m["train/loss"] for m in metric_lines(run_dir) if "train/loss" in m]
+    assert res["status"] == "diverged" and res["diverged"]["step"] == 6 and res["diverged"]["loss"] == "nan"
+    assert res["diverged"]["last_finite_loss"] == finite[-1] and len(finite) == 5
+    assert res["quality"]["top1"] is not None  # the epoch-1 evaluation it had
+
+    pareto = moebench("pareto", str(run_dir), "--wandb-mode", "disabled")
+    assert pareto.returncode == 0 and "diverged" in pareto.stdout, pareto.stdout + pareto.stderr
+    assert json.loads((run_dir / "pareto.json").read_text())["runs"] == []  # never on a frontier
+
+
+def test_skip_nonfinite_steps_skips_that_many_then_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**ENV, "MOEBENCH_FAULT": "nan:step:6"}
+    proc = moebench("train", *RUN, "train.skip_nonfinite_steps=1", f"hydra.run.dir={run_dir}", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = result(run_dir)
+    assert res["status"] == "completed" and res["skipped_nonfinite_steps"] == 1
