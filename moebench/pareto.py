@@ -622,7 +622,7 @@ class ParetoCallback(Callback):
             return
         wandb_cfg = {"mode": config.wandb.mode, "project": config.wandb.project, "entity": config.wandb.entity,
                      "group": config.wandb.group or sweep_group(sweep_dir)}  # the training runs' group
-        from .train import FAILED_JOBS  # the exit code of `moebench train -m`
+        from .status import FAILED_JOBS, NOT_OK  # the exit code of `moebench train -m`
 
         try:  # a sweep over lr or data is a legitimate sweep: one frontier per setup
             summary = aggregate([sweep_dir], sweep_dir, wandb_cfg=wandb_cfg, allow_mixed=True)
@@ -632,7 +632,7 @@ class ParetoCallback(Callback):
             return
         print_files(summary)
         # Launchers that run jobs in other processes (joblib, submitit) report failures only on disk.
-        FAILED_JOBS.extend(s["run"] for s in summary["skipped"] if s["status"] in ("failed", "unfinished"))
+        FAILED_JOBS.extend(s["run"] for s in summary["skipped"] if s["status"] in NOT_OK)
 
 
 def main(argv: list[str]) -> int:
