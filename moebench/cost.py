@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import resource
 import statistics
 import sys
@@ -117,6 +118,20 @@ def inference_call(model: torch.nn.Module, example: torch.Tensor, precision: str
     return call
 
 
+@contextlib.contextmanager
+def quiet():
+    """No garbage collection while timing (as timeit does): a young process, like the first
+    job of a sweep, collects its many import-time objects often, a few ms each time."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def measure_inference(model: torch.nn.Module, example: torch.Tensor, *, warmup: int = 3, repeats: int = 10,
                       precision: str = "fp32", compiled: torch.nn.Module | None = None) -> dict:
     """Median time of ``repeats`` forward calls on a fixed batch, after a warm-up of at least
@@ -126,8 +141,9 @@ def measure_inference(model: torch.nn.Module, example: torch.Tensor, *, warmup: 
     model.eval()
     try:
         call = inference_call(compiled or model, example, precision)
-        warm_up(call, example.device, min_calls=max(1, warmup))
-        per_batch = statistics.median(timed(call, example.device) for _ in range(max(1, repeats)))
+        with quiet():
+            warm_up(call, example.device, min_calls=max(1, warmup))
+            per_batch = statistics.median(timed(call, example.device) for _ in range(max(1, repeats)))
     finally:
         model.train(was_training)
     return {"infer_images_per_s": example.shape[0] / per_batch, "infer_ms_per_image": 1e3 * per_batch / example.shape[0]}

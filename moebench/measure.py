@@ -205,7 +205,8 @@ def measure(paths: list[str], args) -> int:
     threads = torch.get_num_threads()
     print(f"timing {len(subjects)} runs: {args.rounds} rounds x {args.repeats} calls, {threads} threads, {device}",
           flush=True)
-    time_rounds(subjects, args.rounds, args.repeats, device, args.warmup_s)
+    with cost.quiet():
+        time_rounds(subjects, args.rounds, args.repeats, device, args.warmup_s)
     measured = {}
     for subject in subjects:
         measured[subject.run_dir] = record(subject, rounds=args.rounds, repeats=args.repeats, threads=threads,
