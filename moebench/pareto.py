@@ -635,10 +635,21 @@ class ParetoCallback(Callback):
         FAILED_JOBS.extend(s["run"] for s in summary["skipped"] if s["status"] in NOT_OK)
 
 
+READING = """\
+Runs that differ only in seed form an arm: its mean top-1, the standard deviation
+over seeds and the half-width of a 95% t-interval of the mean (pareto_arms.csv,
+"arms" in pareto.json, error bars in pareto.png). The frontier is drawn over arm
+means. Reading two arms: intervals that do not overlap mean a difference larger
+than seed noise; overlapping intervals do not settle the ordering either way
+(more seeds narrow them). One seed gives no interval.
+Timings come from `moebench measure` (cost_measured) where a run has them."""
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="moebench pareto", description="Cost/quality Pareto frontier of runs.")
+    parser = argparse.ArgumentParser(prog="moebench pareto", description="Cost/quality Pareto frontier of runs.",
+                                     epilog=READING, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="sweep dirs and/or run dirs (several are combined)")
     parser.add_argument("--out", type=Path, help="where to write pareto.*; default: the path if only one")
     parser.add_argument("--allow-mixed", action="store_true",
