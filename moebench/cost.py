@@ -211,25 +211,34 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """What the step holds from the start: weights, and for training their gradients and optimizer state
+    (a trained model's leftover gradients are not part of serving it)."""
     tensors = [*model.parameters(), *model.buffers()]
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
     if optimizer is not None:
+        tensors += [p.grad for p in model.parameters() if p.grad is not None]
         tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     return tensors
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def peak_step_mb(call: Callable[[], object], model: torch.nn.Module, inputs: list[torch.Tensor],
                  optimizer: torch.optim.Optimizer | None = None) -> float:
     """Peak MiB of the model's tensors (state, inputs, everything ``call`` creates) during one ``call``."""
     device = inputs[0].device
-    if device.type == "cuda":
+    own = _state_tensors(model, optimizer) + list(inputs)
+    if device.type == "cuda":  # the allocator's peak, less what else the process holds on the device
         _sync(device)
+        others = torch.cuda.memory_allocated(device) - _storage_bytes(own)
         torch.cuda.reset_peak_memory_stats(device)
         call()
         _sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return (torch.cuda.max_memory_allocated(device) - others) / 2**20
     with LiveTensorBytes() as live:
-        for tensor in _state_tensors(model, optimizer) + list(inputs):
+        for tensor in own:
             live.track(tensor)
         call()
     return live.peak / 2**20

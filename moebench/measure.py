@@ -8,7 +8,8 @@ all runs alike and a brief one is voted out. Per run and round: the median of
 ``--repeats`` forward calls on a batch of the run's ``cost.batch_size`` (->
 ``infer_ms_per_image``), of batch-1 calls (-> ``latency_ms``) and, with
 ``--train``, of training steps on the run's ``data.batch_size`` (->
-``train_images_per_s``). Inputs are random images of the run's shape: the work
+``train_images_per_s``); the model's memory (``train_peak_mb``, ``infer_peak_mb``,
+see ``moebench.cost``) is measured once. Inputs are random images of the run's shape: the work
 of every router is fixed by shapes, not by pixel values. Each model is timed in
 the precision and compile setting it was trained with.
 
@@ -44,6 +45,7 @@ class Subject:
     name: str
     config: dict
     calls: dict  # metric -> (call, images per call)
+    memory: dict = field(default_factory=dict)  # train_peak_mb, infer_peak_mb (deterministic: measured once)
     rounds: dict = field(default_factory=dict)  # metric -> [seconds per call, one per round]
 
 
@@ -90,18 +92,20 @@ def build_subject(run_dir: Path, name: str, args, device: torch.device) -> Subje
     def images(n: int) -> torch.Tensor:
         return torch.randn(n, in_chans, size, size, generator=generator).to(device)
 
-    batch = args.batch_size or cfg.get("cost", {}).get("batch_size", 64)
+    batch, train_batch = args.batch_size or cfg.get("cost", {}).get("batch_size", 64), cfg["data"]["batch_size"]
+    example, train_images = images(batch), images(train_batch)
+    labels = torch.randint(0, model.head.out_features, (train_batch,), generator=generator).to(device)
     served = torch.compile(model) if loaded.compile else model
     calls = {
-        "infer": (cost.inference_call(served, images(batch), loaded.precision), batch),
+        "infer": (cost.inference_call(served, example, loaded.precision), batch),
         "latency": (cost.inference_call(served, images(1), loaded.precision), 1),
     }
     if args.train:
-        train_batch = cfg["data"]["batch_size"]
-        labels = torch.randint(0, model.head.out_features, (train_batch,), generator=generator).to(device)
-        calls["train"] = (cost.train_step_call(model, images(train_batch), labels, loaded.precision,
+        calls["train"] = (cost.train_step_call(model, train_images, labels, loaded.precision,
                                                aux_loss=collect_aux_loss, compile=loaded.compile), train_batch)
-    return Subject(run_dir, name, cfg, calls)
+    memory = {"train_peak_mb": cost.train_peak_mb(model, train_images, labels, loaded.precision),
+              "infer_peak_mb": cost.infer_peak_mb(model, example, loaded.precision)}
+    return Subject(run_dir, name, cfg, calls, memory)
 
 
 def time_rounds(subjects: list[Subject], rounds: int, repeats: int, device: torch.device,
@@ -131,6 +135,7 @@ def record(subject: Subject, *, rounds: int, repeats: int, threads: int, device:
         train_images = subject.calls["train"][1]
         out.update({"train_images_per_s": train_images / per_call["train"],
                     "train_ms_per_image": 1e3 * per_call["train"] / train_images, "train_batch_size": train_images})
+    out.update(subject.memory)
     out.update({
         "batch_size": infer_images,
         "precision": subject.config.get("precision", "fp32"),

@@ -252,6 +252,9 @@ def read_run(run_dir: Path) -> Run:
     measured = data.get("cost_measured") or {}
     if measured:
         cost.update({key: measured[key] for key in MEASURED_KEYS if key in measured})
+        for key in ("train_peak_mb", "infer_peak_mb"):  # deterministic: from training when it has them
+            if key in measured:
+                cost.setdefault(key, measured[key])
         timing = "measured"
     return Run(run_dir, data.get("status", "unknown"), data.get("config") or {}, cost,
                data.get("quality") or {}, data.get("error"), timing)
@@ -396,6 +399,37 @@ def arm_rows(rows: list[dict], axes: list[str], quality: str) -> list[dict]:
     return out
 
 
+def welch_ci95(a: list[float], b: list[float]) -> float | None:
+    """Half-width of the 95% Welch interval of mean(a) - mean(b); None without two values on each side.
+    Its degrees of freedom are rounded down (a slightly wider, conservative interval)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return t_quantile(0.95, max(1, math.floor(df))) * math.sqrt(va + vb)
+
+
+def compare_arms(rows: list[dict], arms: list[dict], quality: str) -> list[dict]:
+    """Every pair of arms of one setup, the better first: the difference of their means and its
+    95% Welch interval; ``separated`` when the interval excludes 0 (a gap larger than seed noise)."""
+    values = {}
+    for row in rows:
+        values.setdefault((row["setup"], row["label"]), []).append(row[quality])
+    out = []
+    for setup in dict.fromkeys(arm["setup"] for arm in arms):
+        ranked = sorted((arm for arm in arms if arm["setup"] == setup), key=lambda a: -a[f"{quality}_mean"])
+        for i, better in enumerate(ranked):
+            for worse in ranked[i + 1:]:
+                diff = better[f"{quality}_mean"] - worse[f"{quality}_mean"]
+                half = welch_ci95(values[(setup, better["label"])], values[(setup, worse["label"])])
+                out.append({"setup": setup, "better": better["label"], "worse": worse["label"],
+                            f"{quality}_difference": diff, f"{quality}_difference_ci95": half,
+                            "separated": None if half is None else diff > half})
+    return out
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     buffer = io.StringIO()
     if rows:
@@ -532,6 +566,19 @@ def print_tables(arms: list[dict], axes: list[str], quality: str, skipped: list[
                       soft_wrap=True, markup=False, highlight=False)
 
 
+def print_gaps(comparisons: list[dict], quality: str) -> None:
+    """Each arm against the next one down the ranking: is the gap larger than seed noise?"""
+    shown = set()
+    for c in comparisons:
+        if c[f"{quality}_difference_ci95"] is None or (c["setup"], c["better"]) in shown:
+            continue
+        shown.add((c["setup"], c["better"]))  # the first pair of each arm is its next one down
+        verdict = "larger than seed noise" if c["separated"] else "within seed noise"
+        print(f"{c['setup'] + ': ' if c['setup'] else ''}{c['better']} - {c['worse']}: "
+              f"{100 * c[f'{quality}_difference']:+.2f} ± {100 * c[f'{quality}_difference_ci95']:.2f} points "
+              f"(95% Welch): {verdict}")
+
+
 def log_wandb(rows: list[dict], arms: list[dict], png: Path, wandb_cfg: dict, run_dir: Path) -> str | None:
     """One W&B run (job_type pareto) with tables of runs and arms, a scatter per cost axis and the PNG."""
     if not wandb_cfg or wandb_cfg.get("mode", "disabled") == "disabled":
@@ -577,6 +624,7 @@ def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None 
     axes = [axis for axis in COST_AXES if axis in REQUIRED_AXES or all(_axis_value(r, axis) for r in done)]
     rows = run_rows(names, setups, axes, quality)
     arms = arm_rows(rows, axes, quality)
+    comparisons = compare_arms(rows, arms, quality)
     measured = sum(run.timing == "measured" for run in done)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {name: (out_dir / name).resolve() for name in ("pareto.csv", "pareto_arms.csv", "pareto.json", "pareto.png")}
@@ -586,6 +634,7 @@ def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None 
         "timing": {"measured": measured, "training": len(done) - measured},
         "setups": [{"name": name, "runs": len(members)} for name, members in setups.items()],
         "arms": arms,
+        "comparisons": comparisons,
         "runs": rows,
         "skipped": [{"run": str(run.path), "status": reason, "error": run.error} for run, reason in skipped],
     }
@@ -595,10 +644,14 @@ def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None 
     if rows:
         plot(rows, arms, axes, quality, files["pareto.png"], title=out_dir.resolve().name)
     if show:
+        if len(setups) > 1:
+            print(f"{len(setups)} setups (runs differ in {', '.join(differing_keys([setup_of(r) for r in done]))}): "
+                  "one frontier per setup")
         if measured:
             print(f"timings from `moebench measure` (cost_measured) for {measured} of {len(done)} runs"
                   + ("" if measured == len(done) else "; the others from training (not comparable: re-measure them)"))
         print_tables(arms, axes, quality, skipped)
+        print_gaps(comparisons, quality)
     if rows:
         summary["wandb_run_id"] = log_wandb(rows, arms, files["pareto.png"], wandb_cfg or {}, out_dir)
     summary["files"] = {name: str(path) for name, path in files.items() if path.exists()}

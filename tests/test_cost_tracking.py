@@ -71,6 +71,8 @@ def test_inference_peak_is_parameters_input_and_the_largest_live_activations():
     # Inside Sequential, the first Linear's output lives until the GELU has made its own.
     expected = params + 5 * 16 * 4 + 2 * 5 * 32 * 4
     assert infer_peak_mb(model, torch.randn(5, 16)) * 2**20 == expected
+    model(torch.randn(5, 16)).sum().backward()  # a trained model's leftover gradients are not served
+    assert infer_peak_mb(model, torch.randn(5, 16)) * 2**20 == expected
 
 
 def vit(experts: int = 4, router: str = "soft"):

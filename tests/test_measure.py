@@ -56,6 +56,8 @@ def test_measure_rewrites_only_cost_measured_and_pareto_prefers_it(tmp_path):
         for key in ("infer_ms_per_image", "latency_ms", "train_images_per_s"):
             assert measured[key] > 0, key
         assert measured["precision"] == after["config"]["precision"] and measured["compile"] is False
+        for key in ("train_peak_mb", "infer_peak_mb"):  # deterministic: the same as measured after training
+            assert measured[key] == after["cost"][key] > 0, key
         assert measured["infer_ms_per_image"] == pytest.approx(statistics.median(measured["round_ms"]["infer"]) / 8)
     assert {json.loads((run / "result.json").read_text())["cost_measured"]["precision"] for run in runs} == {"fp32", "bf16"}
     assert json.loads((failed / "result.json").read_text()) == {"status": "failed", "error": "boom", "config": {}}

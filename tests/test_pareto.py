@@ -8,7 +8,7 @@ import pytest
 from pathlib import Path
 
 from moebench.pareto import ParetoError, aggregate, ci95_half_width, human_flops, human_mb, human_percent
-from moebench.pareto import pareto_mask, si, t_quantile
+from moebench.pareto import pareto_mask, si, t_quantile, welch_ci95
 from moebench.tracking import atomic_write_json
 
 from test_cli import moebench
@@ -106,6 +106,10 @@ def test_t_quantiles_match_the_tables():
     assert t_quantile(0.99, 5) == pytest.approx(4.032, abs=1e-3)
     assert ci95_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.3027 / 3**0.5, rel=1e-4)  # std 1, n 3
     assert ci95_half_width([0.5]) is None
+    # Welch: equal variances and sizes give df = 2(n-1) = 4; unequal ones fewer (here 1.03, rounded down to 1).
+    assert welch_ci95([0.80, 0.82, 0.84], [0.60, 0.62, 0.64]) == pytest.approx(2.7764 * (2 * 0.0004 / 3) ** 0.5, rel=1e-4)
+    assert welch_ci95([0.80, 0.82, 0.84], [0.70, 0.90]) == pytest.approx(12.706 * (0.0004 / 3 + 0.02 / 2) ** 0.5, rel=1e-4)
+    assert welch_ci95([0.5], [0.6, 0.7]) is None
 
 
 def test_numbers_for_humans():
@@ -141,6 +145,10 @@ def test_seeds_of_one_config_form_an_arm_with_a_t_interval(tmp_path):
     assert runs["dense1"]["frontier_gflops_per_image"]
     assert not any(runs[f"soft{seed}"]["frontier_gflops_per_image"] for seed in range(3))  # per run: all beaten
     assert "nan" not in runs and [(s["run"], s["status"]) for s in summary["skipped"]] == [(str((sweep / "nan").resolve()), "diverged")]
+    gaps = {(c["better"], c["worse"]): c for c in summary["comparisons"]}
+    assert len(gaps) == 3 and gaps[("soft E8 p1", "dense")]["separated"] is False  # 0.82 vs 0.80: seed noise
+    assert gaps[("soft E8 p1", "dense")]["top1_difference"] == pytest.approx(0.02)
+    assert gaps[("dense", "tokens_choice E8 k1 C1.0")]["separated"] is None  # one seed: no interval
     arms_csv = (sweep / "pareto_arms.csv").read_text().splitlines()
     assert len(arms_csv) == 4 and "top1_ci95" in arms_csv[0].split(",")
     on_disk = json.loads((sweep / "pareto.json").read_text())
