@@ -74,7 +74,9 @@ NEUTRAL_KEYS = (
     "seed", "wandb", "resume", "threads", "device", "cost", "deterministic", "expert_parallel",
     "experts", "slots", "k", "capacity_factor",
     "data.root", "data.download", "data.eval_batch_size", "data.cache_dir",
-    "train.log_every", "train.time_limit_min", "train.save_checkpoints",
+    "train.log_every", "train.time_limit_min", "train.save_checkpoints", "train.save_best",
+    "train.checkpoint_every_min", "train.checkpoint_every_steps", "train.preempt_signals",
+    "train.skip_nonfinite_steps", "eval",
 )
 # What makes a setup (one frontier): data, model, schedule and numerics. The MoE placement
 # (model.moe) belongs to the router design, so it varies between arms of one setup.
