@@ -536,7 +536,7 @@ def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"{title}: quality vs cost")
     legend_height = (0.22 * legend_rows + 0.15) / fig.get_figheight()
-    fig.tight_layout(rect=(0, legend_height, 1, 1))
+    fig.tight_layout(rect=(0, legend_height, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: reruns give the same file
     plt.close(fig)
 
