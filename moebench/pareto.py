@@ -188,7 +188,8 @@ class Run:
     cost: dict = field(default_factory=dict)  # with the quiet re-timings (cost_measured) in place
     quality: dict = field(default_factory=dict)
     error: str | None = None
-    timing: str = "training"  # where the timings come from: training, or measured (moebench measure)
+    timing: str = "training"  # where timings come from: training, measured (moebench measure --train),
+    # or measured inference (moebench measure without --train: the training step time is from training)
 
     def get(self, dotted: str):
         node = self.config
@@ -257,7 +258,7 @@ def read_run(run_dir: Path) -> Run:
         for key in ("train_peak_mb", "infer_peak_mb"):  # deterministic: from training when it has them
             if key in measured:
                 cost.setdefault(key, measured[key])
-        timing = "measured"
+        timing = "measured" if "train_images_per_s" in measured else "measured inference"
     return Run(run_dir, data.get("status", "unknown"), data.get("config") or {}, cost,
                data.get("quality") or {}, data.get("error"), timing)
 
@@ -627,13 +628,14 @@ def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None 
     rows = run_rows(names, setups, axes, quality)
     arms = arm_rows(rows, axes, quality)
     comparisons = compare_arms(rows, arms, quality)
-    measured = sum(run.timing == "measured" for run in done)
+    measured = sum(run.timing != "training" for run in done)
+    train_measured = sum(run.timing == "measured" for run in done)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {name: (out_dir / name).resolve() for name in ("pareto.csv", "pareto_arms.csv", "pareto.json", "pareto.png")}
     summary = {
         "quality": quality,
         "cost_axes": axes,
-        "timing": {"measured": measured, "training": len(done) - measured},
+        "timing": {"measured": measured, "training": len(done) - measured, "train_step_measured": train_measured},
         "setups": [{"name": name, "runs": len(members)} for name, members in setups.items()],
         "arms": arms,
         "comparisons": comparisons,
@@ -651,7 +653,9 @@ def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None 
                   "one frontier per setup")
         if measured:
             print(f"timings from `moebench measure` (cost_measured) for {measured} of {len(done)} runs"
-                  + ("" if measured == len(done) else "; the others from training (not comparable: re-measure them)"))
+                  + ("" if measured == len(done) else "; the others from training (not comparable: re-measure them)")
+                  + ("" if train_measured == measured else
+                     f"; training step time measured for {train_measured} of them (the rest: measure --train)"))
         print_tables(arms, axes, quality, skipped)
         print_gaps(comparisons, quality)
     if rows:

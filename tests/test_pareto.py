@@ -188,9 +188,10 @@ def test_quiet_re_timings_replace_the_training_ones_and_memory_joins_the_axes(tm
     fake_run(tmp_path, "b", "dense", 0.7, 0.5, cost_extra={"train_peak_mb": 4.0, "infer_peak_mb": 1.0})
     summary = aggregate([tmp_path], tmp_path, show=False)
     rows = {row["run"]: row for row in summary["runs"]}
-    assert rows["a"]["infer_ms_per_image"] == 0.25 and rows["a"]["timing"] == "measured"
+    assert rows["a"]["infer_ms_per_image"] == 0.25 and rows["a"]["timing"] == "measured inference"
+    assert rows["a"]["train_ms_per_image"] == 10.0  # measured without --train: the training-time figure
     assert rows["b"]["infer_ms_per_image"] == 5.0 and rows["b"]["timing"] == "training"
-    assert summary["timing"] == {"measured": 1, "training": 1}
+    assert summary["timing"] == {"measured": 1, "training": 1, "train_step_measured": 0}
     assert {"train_peak_mb", "infer_peak_mb"} <= set(summary["cost_axes"])
     assert rows["b"]["frontier_train_peak_mb"] and rows["a"]["frontier_train_peak_mb"]
     fake_run(tmp_path / "old", "c", "dense", 0.7, 0.5)  # an older record without memory: the axis is left out
