@@ -140,7 +140,7 @@ def measure_inference(model: torch.nn.Module, example: torch.Tensor, *, warmup: 
     was_training = model.training
     model.eval()
     try:
-        call = inference_call(compiled or model, example, precision)
+        call = inference_call(model if compiled is None else compiled, example, precision)
         with quiet():
             warm_up(call, example.device, min_calls=max(1, warmup))
             per_batch = statistics.median(timed(call, example.device) for _ in range(max(1, repeats)))

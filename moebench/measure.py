@@ -169,7 +169,7 @@ def print_table(subjects: list[Subject], measured: dict[Path, dict], root: Path)
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     table = Table(title=f"re-timed in one process, median of rounds (runs under {root})", title_justify="left")
-    for col in ("run", "inference ms / image", "(during training)", "latency ms", "training ms / image"):
+    for col in ("run", "inference ms / image", "(in the training job)", "latency ms", "training ms / image"):
         table.add_column(col, justify="left" if col == "run" else "right", overflow="fold")
     for subject in subjects:
         new = measured[subject.run_dir]

@@ -35,6 +35,21 @@ def test_measure_inference_gives_consistent_positive_figures():
         assert out["infer_ms_per_image"] == pytest.approx(1e3 / out["infer_images_per_s"])
 
 
+def test_a_compiled_model_is_what_gets_timed():
+    class Compiled(nn.Module):  # like torch.compile's wrapper: no len(), so no truth value either
+        calls = 0
+
+        def __len__(self):
+            raise TypeError("no len()")
+
+        def forward(self, x):
+            Compiled.calls += 1
+            return x
+
+    measure_inference(nn.Linear(8, 8), torch.randn(4, 8), warmup=1, repeats=3, compiled=Compiled())
+    assert Compiled.calls >= 4
+
+
 def test_warm_up_goes_on_until_two_calls_agree_and_a_minimum_time_has_passed():
     def fake(durations):
         durations = iter(durations)
