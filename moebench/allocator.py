@@ -6,32 +6,52 @@ every training step page-faults them in again: at 256 experts that doubled the
 time of the weight-gradient matmuls (`moebench bench`). Routing every
 allocation through the heap and never trimming it makes the steps reuse warm
 pages, the same effect PyTorch's CPU tuning guide gets from jemalloc/tcmalloc.
-Linux/glibc only; set MOEBENCH_MALLOC_TUNING=0 to opt out.
+
+Applied once per process when ``moebench.moe`` is imported (so library users
+get the same speed as the CLI), Linux/glibc only. The cost: memory freed by
+the process stays reserved by it (its resident size keeps its high-water
+mark) until ``release_free_memory()``. Set MOEBENCH_MALLOC_TUNING=0 in the
+environment before the import to opt out.
 """
 
 from __future__ import annotations
 
 import ctypes
-import gc
 import ctypes.util
+import gc
 import os
 import sys
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 
+_applied: bool | None = None
+
+
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
 
 def tune_cpu_allocator() -> bool:
-    """Apply the glibc settings; returns whether they were applied."""
+    """Apply the glibc settings (once per process); returns whether they are in force."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
     if os.environ.get("MOEBENCH_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False
     ok = mallopt(M_MMAP_MAX, 0) == 1
-    return bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok)
+    _applied = bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok)
+    return _applied
+
+
+def allocator_tuning_applied() -> bool:
+    """Whether this process runs with the tuning (False before ``tune_cpu_allocator``)."""
+    return bool(_applied)
 
 
 def release_free_memory() -> None:
@@ -39,7 +59,6 @@ def release_free_memory() -> None:
     so the next job's peak resident set is its own."""
     gc.collect()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass

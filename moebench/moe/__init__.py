@@ -17,8 +17,16 @@ experts and slots: do they diverge?)::
     log(collect_metrics(model))                 # every N steps: means over those N steps
 
 In eval mode nothing is tracked (aux_loss is 0, no statistics) unless asked.
+
+Importing this package tunes glibc's allocator for the process (freed memory
+is kept for reuse instead of being unmapped and page-faulted in again: up to
+2x on the weight gradients of hundreds of experts; see ``moebench.allocator``).
+The process then keeps its peak memory reserved. Set the environment variable
+MOEBENCH_MALLOC_TUNING=0 before importing to opt out; ``ALLOCATOR_TUNED``
+says whether it applied.
 """
 
+from ..allocator import tune_cpu_allocator as _tune_cpu_allocator
 from .base import (
     MoELayer, collect_aux_loss, collect_diagnostics, collect_metrics, count_parameters, track_routing,
 )
@@ -32,7 +40,10 @@ from .soft import SoftMoE
 from .sparse import SparseMoE
 from .tokens_choice import TokensChoiceMoE, position_in_expert
 
+ALLOCATOR_TUNED = _tune_cpu_allocator()
+
 __all__ = [
+    "ALLOCATOR_TUNED",
     "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "ShardedExperts", "SoftMoE", "SparseMoE", "TokensChoiceMoE",
     "collect_aux_loss", "collect_diagnostics", "collect_metrics", "compute_capacity", "count_parameters", "expert_parallel_parameters", "matmul_kernel_names",
     "position_in_expert",

@@ -48,16 +48,19 @@ class ExpertsChoiceMoE(SparseMoE):
         _, _, gates = self.gates(x)
         weight, token = gates.transpose(1, 2).topk(capacity, dim=-1)  # (G, E, c)
         flat = token + flat_token_index(groups, m, x.device)
-        buffers = x.reshape(groups * m, dim)[flat.transpose(0, 1).reshape(-1)]
+        # index_select, not advanced indexing: its backward (index_add) does not sort
+        buffers = x.reshape(groups * m, dim).index_select(0, flat.transpose(0, 1).reshape(-1))
         state = {"flat": flat, "weight": weight, "gates": gates, "tokens": groups * m}
         return buffers.view(self.num_experts, groups * capacity, dim), state
 
     def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
         groups, experts, capacity = state["flat"].shape
         dim = expert_out.shape[-1]
-        weighted = expert_out.view(experts, groups, capacity, dim).transpose(0, 1) * state["weight"].unsqueeze(-1)
+        # Weighted in the experts' own layout (E, G, c): no transposed copy of their outputs.
+        weighted = expert_out.view(experts, groups, capacity, dim) * state["weight"].transpose(0, 1).unsqueeze(-1)
         y = weighted.new_zeros(groups * state["gates"].shape[1], dim)
-        y = y.index_add(0, state["flat"].reshape(-1), weighted.reshape(-1, dim))  # a token may sum several experts
+        # a token may sum several experts
+        y.index_add_(0, state["flat"].transpose(0, 1).reshape(-1), weighted.view(-1, dim))
         return y.view(groups, -1, dim)
 
     def summarize(self, states: list[dict]):

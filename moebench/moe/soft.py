@@ -88,10 +88,13 @@ class SoftMoE(MoELayer):
         with routing_precision(x):
             x = as_float32(x)
             phi = as_float32(self.phi).reshape(x.shape[-1], self.num_slots)
-            xn = x
-            if self.normalize:
-                xn, phi = l2_normalize(x, -1), l2_normalize(phi, 0)
-            return xn @ (phi * as_float32(self.scale))  # the scale goes on the smaller operand
+            if not self.normalize:
+                return x @ (phi * as_float32(self.scale))
+            # Normalising a token scales its row of logits, so the norm is applied to the
+            # (m, S) logits instead of building a normalised (m, d) copy of the tokens;
+            # the scale goes on the smaller operand.
+            inv_norm = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + 1e-6)
+            return (x @ (l2_normalize(phi, 0) * as_float32(self.scale))) * inv_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape

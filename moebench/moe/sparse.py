@@ -80,11 +80,14 @@ class SparseMoE(MoELayer):
                 parts.append(x32[full:].reshape(1, (batch - full) * tokens, dim))
             routed = [self.route(part) for part in parts]
         rows = [buffers.shape[1] for buffers, _ in routed]
-        expert_out = self.experts(torch.cat([buffers for buffers, _ in routed], dim=1))  # caller's autocast
+        # One expert call for all parts; a single part (the usual case) needs no concatenation.
+        buffers = routed[0][0] if len(routed) == 1 else torch.cat([buffers for buffers, _ in routed], dim=1)
+        expert_out = self.experts(buffers)  # under the caller's autocast, if any
         with routing_precision(x):
             pieces = as_float32(expert_out).split(rows, dim=1)
             outputs = [self.combine(out, state) for out, (_, state) in zip(pieces, routed)]
-            y = torch.cat([out.reshape(-1, tokens, dim) for out in outputs], dim=0)
+            outputs = [out.reshape(-1, tokens, dim) for out in outputs]  # parts: (G, m, d) with m = images * tokens
+            y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
             if self.tracking:
                 self.aux_loss, metrics = self.summarize([state for _, state in routed])
                 self.record_metrics(metrics)

@@ -95,47 +95,67 @@ class TokensChoiceMoE(SparseMoE):
         position = torch.empty_like(position).scatter_(1, by_rank, position)  # back to token order
         kept = position < capacity
 
-        # Row of every choice in the stacked buffers (E, G*capacity); drops go
-        # to one extra row past the end that nobody reads.
+        # Row of every kept choice in the stacked buffers (E, G*capacity). A row
+        # no choice fills reads token 0: its expert output is never combined, so
+        # its value is irrelevant and its gradient exactly zero. That spares a
+        # zero-padded copy of the tokens, and index_select's backward (index_add)
+        # does not sort, unlike advanced indexing's.
         rows = experts * groups * capacity
         group_offset = torch.arange(groups, device=x.device).view(groups, 1, 1) * capacity
-        row = torch.where(kept, top_expert * (groups * capacity) + group_offset + position, rows)
-        token = (torch.arange(m, device=x.device).view(1, m, 1) + flat_token_index(groups, m, x.device))
-        source = torch.full((rows + 1,), groups * m, dtype=torch.long, device=x.device)  # -> zero pad row
-        source.scatter_(0, row.reshape(-1), token.expand(groups, m, k).reshape(-1))
-        x_padded = torch.cat([x.reshape(groups * m, dim), x.new_zeros(1, dim)])
-        buffers = x_padded[source[:rows]].view(experts, groups * capacity, dim)
+        row = top_expert * (groups * capacity) + group_offset + position
+        token = torch.arange(groups * m, device=x.device).view(groups, m, 1).expand(groups, m, k)
+        source = torch.zeros(rows + 1, dtype=torch.long, device=x.device)  # the last entry takes the drops
+        source.scatter_(0, torch.where(kept, row, rows).reshape(-1), token.reshape(-1))
+        buffers = x.reshape(groups * m, dim).index_select(0, source[:rows]).view(experts, groups * capacity, dim)
 
+        # A dropped choice reads row 0 with weight 0: it adds exactly nothing, and
+        # its gate gets no gradient through the weight (top_gate * kept).
         state = {
-            "row": row, "weight": top_gate * kept, "gates": gates, "kept": kept, "choices": top_expert,
+            "row": torch.where(kept, row, 0), "weight": top_gate * kept, "gates": gates, "kept": kept,
+            "choices": top_expert,
         }
         if self.tracking:
             state["losses"] = self.aux_losses(logits, noisy, gates)
         return buffers, state
 
     def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
-        experts, rows, dim = expert_out.shape
+        dim = expert_out.shape[-1]
         groups, m, k = state["row"].shape
-        padded = torch.cat([expert_out.reshape(experts * rows, dim), expert_out.new_zeros(1, dim)])
-        picked = padded[state["row"].reshape(-1)].view(groups, m, k, dim)
-        return (picked * state["weight"].unsqueeze(-1)).sum(2)
+        picked = expert_out.reshape(-1, dim).index_select(0, state["row"].reshape(-1)).view(groups, m, k, dim)
+        weight = state["weight"].unsqueeze(-1)
+        if k == 1:
+            return picked.squeeze(2) * weight.squeeze(2)
+        return (picked * weight).sum(2)
 
     def aux_losses(self, logits: torch.Tensor, noisy: torch.Tensor, gates: torch.Tensor) -> dict:
-        """Per-group auxiliary losses, each of shape (G,)."""
+        """Per-group auxiliary losses, each of shape (G,). A loss with weight 0 is
+        only a metric: it is computed without a graph, so backward skips it."""
         groups, m, experts = logits.shape
-        importance = cv_squared(logits.softmax(-1).sum(1))
+
+        def term(name: str, compute):
+            if self.loss_weights[name]:
+                return compute()
+            with torch.no_grad():
+                return compute()
+
+        clean = gates if noisy is logits else logits.softmax(-1)  # without noise the gates are the clean softmax
+        importance = term("importance", lambda: cv_squared(clean.sum(1)))
         if self.training and self.noise_std > 0:
             # P(expert e would make token t's top-k under fresh noise), V-MoE's load.
             sigma = self.noise_std / experts
             threshold = noisy.topk(self.k, dim=-1).values[..., -1:]
-            load = cv_squared(torch.special.ndtr((logits - threshold) / sigma).mean(1))
+            load = term("load", lambda: cv_squared(torch.special.ndtr((logits - threshold) / sigma).mean(1)))
         else:
             load = logits.new_zeros(groups)
-        top1 = torch.zeros_like(gates[:, 0]).scatter_add_(
-            1, gates.argmax(-1), torch.full_like(gates[..., 0], 1.0 / m)
-        )
-        switch = experts * (top1 * gates.mean(1)).sum(-1)
-        z = torch.logsumexp(logits, dim=-1).pow(2).mean(1)
+
+        def switch_loss():
+            top1 = torch.zeros_like(gates[:, 0]).scatter_add_(
+                1, gates.argmax(-1), torch.full_like(gates[..., 0], 1.0 / m)
+            )
+            return experts * (top1 * gates.mean(1)).sum(-1)
+
+        switch = term("switch", switch_loss)
+        z = term("z", lambda: torch.logsumexp(logits, dim=-1).pow(2).mean(1))
         return {"importance": importance, "load": load, "switch": switch, "z": z}
 
     def summarize(self, states: list[dict]):
