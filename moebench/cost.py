@@ -95,12 +95,13 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def warm_up(fn: Callable[[], object], device: torch.device, *, min_calls: int = 1, min_seconds: float = WARMUP_MIN_S,
             tolerance: float = WARMUP_TOLERANCE, max_seconds: float = WARMUP_MAX_S, time_call=timed) -> int:
-    """Call ``fn`` until its time has settled; returns the number of calls."""
+    """Call ``fn`` until its time has settled; returns the number of calls. The first call
+    (compilation, lazy initialisation) does not count towards the times."""
     elapsed, calls, last = 0.0, 0, None
     while True:
         took = time_call(fn, device)
         calls += 1
-        elapsed += took
+        elapsed += took if calls > 1 else 0.0
         settled = last is not None and abs(took - last) <= tolerance * max(took, last)
         last = took
         if calls >= min_calls and ((settled and elapsed >= min_seconds) or elapsed >= max_seconds):
