@@ -34,6 +34,7 @@ from .checkpoint import check_resume_config, checkpoint_path, flatten, load_chec
 from .data import DataError, Loader, load_data
 from .errors import CheckpointError, ConfigError, RecordError, UserError
 from .moe import DenseMLP, ExpertsChoiceMoE, MoELayer, SoftMoE, TokensChoiceMoE, collect_aux_loss, collect_metrics
+from .moe import collect_diagnostics
 from .moe import count_parameters, expert_parallel_parameters, shard_experts
 from .moe.decay import weight_decay_split
 from .preemption import DEFAULT_SIGNALS, StopRequest
@@ -534,9 +535,10 @@ def end_epoch(run: RunState, epoch: int, progress) -> None:
     is_best = bool(val_eval) and val_eval["top1"] > run.best["val_top1"]
     if is_best:
         run.best = {"val_top1": val_eval["top1"], "epoch": epoch + 1, "test": dict(last_eval)}
-    if recorder:
+    if recorder:  # diagnostics: do experts, slots and gates diverge? (weights only: cheap per epoch)
         recorder.log({"epoch": epoch + 1, **{f"test/{k}": v for k, v in last_eval.items()},
-                      **{f"val/{k}": v for k, v in val_eval.items()}}, step=run.step)
+                      **{f"val/{k}": v for k, v in val_eval.items()},
+                      **{f"diagnostics/{k}": v for k, v in collect_diagnostics(run.model).items()}}, step=run.step)
     timing = progress.end_epoch(epoch + 1, last_eval["top1"])
     log.info("epoch %d/%d: test top1 %.2f%%, loss %.4f, %s", epoch + 1, cfg.train.epochs,
              100 * last_eval["top1"], last_eval["loss"], timing)
