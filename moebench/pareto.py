@@ -27,6 +27,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from hydra.experimental.callback import Callback
 
@@ -41,22 +42,18 @@ QUALITIES = ("top1", "top1_at_best_val")
 class Axis:
     label: str
     unit: str  # how values print: flops (given in GFLOPs), count, ms, mb
-    source: tuple[str, ...]  # cost keys it is read from
-
-    def value(self, cost: dict) -> float:
-        if self.source == ("train_images_per_s",):  # speed becomes ms per image, so lower is cheaper
-            return 1e3 / cost["train_images_per_s"]
-        return cost[self.source[0]]
+    value: Callable[[dict], float]  # read off a run's cost record
 
 
-# Cost axes, all "lower is cheaper". Memory axes are used when every run has them (older records lack them).
+# Cost axes, all "lower is cheaper" (training speed becomes ms per image). Memory axes are
+# used when every run has them (older records lack them).
 COST_AXES = {
-    "gflops_per_image": Axis("FLOPs / image", "flops", ("gflops_per_image",)),
-    "params_total": Axis("parameters", "count", ("params_total",)),
-    "infer_ms_per_image": Axis("inference ms / image", "ms", ("infer_ms_per_image",)),
-    "train_ms_per_image": Axis("training ms / image", "ms", ("train_images_per_s",)),
-    "train_peak_mb": Axis("training peak memory", "mb", ("train_peak_mb",)),
-    "infer_peak_mb": Axis("inference peak memory", "mb", ("infer_peak_mb",)),
+    "gflops_per_image": Axis("FLOPs / image", "flops", lambda c: c["gflops_per_image"]),
+    "params_total": Axis("parameters", "count", lambda c: c["params_total"]),
+    "infer_ms_per_image": Axis("inference ms / image", "ms", lambda c: c["infer_ms_per_image"]),
+    "train_ms_per_image": Axis("training ms / image", "ms", lambda c: 1e3 / c["train_images_per_s"]),
+    "train_peak_mb": Axis("training peak memory", "mb", lambda c: c["train_peak_mb"]),
+    "infer_peak_mb": Axis("inference peak memory", "mb", lambda c: c["infer_peak_mb"]),
 }
 REQUIRED_AXES = ("gflops_per_image", "params_total", "infer_ms_per_image", "train_ms_per_image")
 # Timings that `moebench measure` re-takes quietly; they replace the ones taken during training.
@@ -208,6 +205,14 @@ class Run:
         }.get(router, [])
         if router == "soft" and (self.get("router.dispatch"), self.get("router.combine")) != ("soft", "soft"):
             parts.append(f"{self.get('router.dispatch')}/{self.get('router.combine')}")
+        # Knobs of the recipes' control arms, named when off their defaults; arms that still share a
+        # label get the differing keys appended (arm_labels).
+        if router == "soft" and self.get("router.scale_init") not in (None, 1, 1.0):
+            parts.append(f"scale{self.get('router.scale_init'):g}")
+        if router == "soft" and self.get("router.identical_init") is False:
+            parts.append("indep-init")
+        if router == "dense" and self.get("router.mlp_mult") not in (None, 1, 1.0):
+            parts.append(f"MLPx{self.get('router.mlp_mult'):g}")
         return " ".join([router, *parts])
 
 
@@ -489,7 +494,7 @@ def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path
     legend_rows = math.ceil((len(styles) + 3) / 3)
     fig, grid = plt.subplots(per_setup * len(setups), ncols, squeeze=False,
                              figsize=(4.8 * ncols, 3.7 * per_setup * len(setups) + 0.22 * legend_rows + 0.5))
-    quality_name = "test top-1 (%)" if quality == "top1" else f"test top-1 at best val (%)"
+    quality_name = "test top-1 (%)" if quality == "top1" else "test top-1 at the best val epoch (%)"
     for s, setup in enumerate(setups):
         for a, axis in enumerate(axes):
             ax = grid[s * per_setup + a // ncols][a % ncols]

@@ -160,6 +160,11 @@ def test_arms_that_share_a_router_label_are_told_apart_by_the_key_that_differs(t
     fake_run(tmp_path, "b", "experts_choice", 0.7, 1.0, router_extra={"group_size": 8})
     labels = sorted(arm["label"] for arm in aggregate([tmp_path], tmp_path, show=False)["arms"])
     assert labels == ["experts_choice E8 C1.0 router.group_size=1", "experts_choice E8 C1.0 router.group_size=8"]
+    controls = tmp_path / "controls"  # the recipes' control arms are named even when alone
+    fake_run(controls, "wide", "dense", 0.8, 1.0, router_extra={"mlp_mult": 4})
+    fake_run(controls, "scale", "soft", 0.8, 1.0, router_extra={"scale_init": 8.0, "identical_init": False})
+    labels = sorted(arm["label"] for arm in aggregate([controls], controls, show=False)["arms"])
+    assert labels == ["dense MLPx4", "soft E8 p1 scale8 indep-init"]
 
 
 def test_different_setups_are_refused_naming_the_key_or_split_when_allowed(tmp_path):
