@@ -67,14 +67,16 @@ def machine() -> dict:
 
 
 def find_run_dirs(paths: list[str]) -> list[Path]:
-    """Run dirs (holding result.json) under ``paths``, sorted; a missing path is a user error."""
+    """Run dirs (holding result.json, or .hydra/ for a job that has not finished) under ``paths``,
+    sorted; a missing path is a user error."""
     found = set()
     for path in map(Path, paths):
         if not path.exists():
             raise CheckpointError(f"{path}: no such run or sweep directory")
         found.update(result.parent.resolve() for result in path.rglob("result.json"))
+        found.update(hydra.parent.resolve() for hydra in path.rglob(".hydra"))
     if not found:
-        raise CheckpointError(f"no runs (result.json) under {', '.join(paths)}")
+        raise CheckpointError(f"no runs (result.json or .hydra/) under {', '.join(paths)}")
     return sorted(found)
 
 
@@ -194,6 +196,8 @@ def measure(paths: list[str], args) -> int:
     for run_dir in run_dirs:
         try:
             status = json.loads((run_dir / "result.json").read_text()).get("status")
+        except FileNotFoundError:
+            status = "unfinished"
         except (OSError, json.JSONDecodeError):
             status = "unreadable"
         if status != "completed":

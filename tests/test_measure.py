@@ -39,6 +39,7 @@ def test_measure_rewrites_only_cost_measured_and_pareto_prefers_it(tmp_path):
     failed = sweep / "9_failed"
     failed.mkdir()
     (failed / "result.json").write_text(json.dumps({"status": "failed", "error": "boom", "config": {}}))
+    (sweep / "8_running" / ".hydra").mkdir(parents=True)
     runs = sorted(p.parent for p in sweep.glob("*/last.pt"))
     assert len(runs) == 2
     before = {run: json.loads((run / "result.json").read_text()) for run in runs}
@@ -47,6 +48,7 @@ def test_measure_rewrites_only_cost_measured_and_pareto_prefers_it(tmp_path):
                     "--warmup-s", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipped {failed.resolve()} (status failed)" in proc.stdout
+    assert f"skipped {(sweep / '8_running').resolve()} (status unfinished)" in proc.stdout
     for run in runs:
         after = json.loads((run / "result.json").read_text())
         measured = after.pop("cost_measured")
