@@ -12,7 +12,8 @@ help: ## list the targets
 $(BIN)/moebench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	# compat: a plain .pth to the checkout (conf/ is found beside the package), no import-hook warning
+	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	@touch $@
 
 install: $(BIN)/moebench ## create .venv and install moebench into it (editable, with test tools)
