@@ -70,11 +70,13 @@ def _sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- timing
 
 # Warm-up before timing: lazy kernel selection, allocator growth and (compiled models) compilation
-# make the first calls slow, most of all in the first job of a sweep. Calls go on until two
-# consecutive ones agree within WARMUP_TOLERANCE and WARMUP_MIN_S has passed (at most WARMUP_MAX_S).
+# make the first calls slow, most of all in the first job of a sweep. Calls go on until the median
+# of the last WARMUP_WINDOW calls agrees with that of the WARMUP_WINDOW before within
+# WARMUP_TOLERANCE and WARMUP_MIN_S has passed, or for WARMUP_MAX_S (a busy machine never settles).
 WARMUP_MIN_S = 0.3
 WARMUP_TOLERANCE = 0.1
-WARMUP_MAX_S = 10.0
+WARMUP_WINDOW = 3
+WARMUP_MAX_S = 2.0
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -93,19 +95,23 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def warm_up(fn: Callable[[], object], device: torch.device, *, min_calls: int = 1, min_seconds: float = WARMUP_MIN_S,
-            tolerance: float = WARMUP_TOLERANCE, max_seconds: float = WARMUP_MAX_S, time_call=timed) -> int:
+def warm_up(fn: Callable[[], object], device: torch.device, *, min_calls: int = 1, min_seconds: float | None = None,
+            tolerance: float | None = None, max_seconds: float | None = None, time_call=timed) -> int:
     """Call ``fn`` until its time has settled; returns the number of calls. The first call
-    (compilation, lazy initialisation) does not count towards the times."""
-    elapsed, calls, last = 0.0, 0, None
+    (compilation, lazy initialisation) is left out of the windows and the times."""
+    min_seconds = WARMUP_MIN_S if min_seconds is None else min_seconds
+    tolerance = WARMUP_TOLERANCE if tolerance is None else tolerance
+    max_seconds = WARMUP_MAX_S if max_seconds is None else max_seconds
+    w, times = WARMUP_WINDOW, []
     while True:
-        took = time_call(fn, device)
-        calls += 1
-        elapsed += took if calls > 1 else 0.0
-        settled = last is not None and abs(took - last) <= tolerance * max(took, last)
-        last = took
-        if calls >= min_calls and ((settled and elapsed >= min_seconds) or elapsed >= max_seconds):
-            return calls
+        times.append(time_call(fn, device))
+        elapsed = sum(times[1:])
+        settled = False
+        if len(times) > 2 * w:
+            recent, before = statistics.median(times[-w:]), statistics.median(times[-2 * w:-w])
+            settled = abs(recent - before) <= tolerance * max(recent, before)
+        if len(times) >= min_calls and ((settled and elapsed >= min_seconds) or elapsed >= max_seconds):
+            return len(times)
 
 
 def inference_call(model: torch.nn.Module, example: torch.Tensor, precision: str = "fp32") -> Callable[[], object]:

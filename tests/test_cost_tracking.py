@@ -50,20 +50,22 @@ def test_a_compiled_model_is_what_gets_timed():
     assert Compiled.calls >= 4
 
 
-def test_warm_up_goes_on_until_two_calls_agree_and_a_minimum_time_has_passed():
+def test_warm_up_goes_on_until_the_times_settle_and_a_minimum_time_has_passed():
     def fake(durations):
         durations = iter(durations)
         return lambda fn, device: next(durations)
 
     cpu = torch.device("cpu")
-    slow_start = [0.05, 0.03, 0.02, 0.002, 0.0021, 0.002, 0.002]
-    assert warm_up(lambda: None, cpu, min_seconds=0.0, tolerance=0.1, time_call=fake(slow_start)) == 5
-    # The first call (compiling, say) does not count towards the minimum time: 0.03 + ... + 0.002 = 0.0561.
-    assert warm_up(lambda: None, cpu, min_seconds=0.055, tolerance=0.1, time_call=fake(slow_start)) == 6
-    assert warm_up(lambda: None, cpu, min_seconds=0.0, min_calls=7, time_call=fake(slow_start)) == 7
-    never_settles = [10.0] + [0.02, 0.01] * 100
-    assert warm_up(lambda: None, cpu, max_seconds=0.295, time_call=fake(never_settles)) == 21  # the cap
-    assert warm_up(lambda: time.sleep(0.001), cpu, min_seconds=0.0, tolerance=10.0) == 2  # real calls
+    # The first call (compiling, say) is left out; then the median of the last 3 calls must agree
+    # with that of the 3 before: 0.01 (calls 7-9) against 0.01 (0.03, 0.01, 0.01: calls 4-6).
+    slow_start = [1.0, 0.05, 0.04, 0.03] + [0.01] * 20
+    assert warm_up(lambda: None, cpu, min_seconds=0.0, tolerance=0.1, time_call=fake(slow_start)) == 9
+    # 0.05 + 0.04 + 0.03 + 6 x 0.01 = 0.18 s after 10 calls
+    assert warm_up(lambda: None, cpu, min_seconds=0.175, tolerance=0.1, time_call=fake(slow_start)) == 10
+    assert warm_up(lambda: None, cpu, min_seconds=0.0, min_calls=12, time_call=fake(slow_start)) == 12
+    never_settles = [10.0] + [0.01, 0.03] * 100
+    assert warm_up(lambda: None, cpu, max_seconds=0.19, time_call=fake(never_settles)) == 11  # the cap
+    assert warm_up(lambda: time.sleep(0.001), cpu, min_seconds=0.0, tolerance=10.0) == 7  # real calls
 
 
 def test_live_tensor_bytes_counts_what_is_alive_at_once():
