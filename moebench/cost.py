@@ -101,7 +101,7 @@ def warm_up(fn: Callable[[], object], device: torch.device, *, min_calls: int = 
     (compilation, lazy initialisation) is left out of the windows and the times."""
     min_seconds = WARMUP_MIN_S if min_seconds is None else min_seconds
     tolerance = WARMUP_TOLERANCE if tolerance is None else tolerance
-    max_seconds = WARMUP_MAX_S if max_seconds is None else max_seconds
+    max_seconds = max(min_seconds, WARMUP_MAX_S if max_seconds is None else max_seconds)
     w, times = WARMUP_WINDOW, []
     while True:
         times.append(time_call(fn, device))

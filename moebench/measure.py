@@ -247,7 +247,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--warmup-s", type=float, default=cost.WARMUP_MIN_S,
                         help=f"least warm-up per call before timing, in seconds (default {cost.WARMUP_MIN_S}); "
-                             "it also goes on until the times settle (at most 2 s)")
+                             "it also goes on until the times settle (at most 2 s or this)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"moebench: error: --device {args.device} but CUDA is not available; use --device cpu", file=sys.stderr)
