@@ -1,0 +1,65 @@
+"""Routing diagnostics of trained runs, from their records and final weights.
+
+    python experiments/routing_diagnostics.py RUN_DIR... [--json OUT]
+
+Per run, averaged over its MoE blocks: the routing metrics of its last logged
+training step (metrics.jsonl: dispatch/combine max and entropy, drops, ...)
+and the weight diagnostics of its final model (moebench.moe.collect_diagnostics
+on last.pt: expert, slot-parameter and gate similarity, Soft MoE's scale). The
+weight diagnostics are recomputed from the checkpoint, so runs trained before
+they were logged get them too. The write-ups in experiments/README.md quote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from moebench.moe import collect_diagnostics
+from moebench.runs import load_run
+
+
+def last_routing_metrics(run_dir: Path) -> dict[str, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    routed = [line for line in lines if any(key.startswith("routing/") for key in line)]
+    return {key: value for key, value in routed[-1].items() if key.startswith("routing/")} if routed else {}
+
+
+def per_key_mean(values: dict[str, float]) -> dict[str, float]:
+    """{"prefix/blocks.2.mlp/key": v, ...} -> {"key": mean over blocks}."""
+    groups: dict[str, list[float]] = {}
+    for name, value in values.items():
+        groups.setdefault(name.rsplit("/", 1)[-1], []).append(value)
+    return {key: statistics.fmean(vs) for key, vs in sorted(groups.items())}
+
+
+def diagnose(run_dir: Path) -> dict:
+    run = load_run(run_dir)
+    return {
+        "run": str(run_dir),
+        "routing_last_step": per_key_mean(last_routing_metrics(run_dir)),
+        "weights": per_key_mean(collect_diagnostics(run.model)),
+        "top1": (run.result or {}).get("quality", {}).get("top1"),
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the table as JSON")
+    args = parser.parse_args(argv)
+    rows = [diagnose(run_dir) for run_dir in args.runs]
+    for row in rows:
+        cells = {**row["routing_last_step"], **row["weights"]}
+        print(f"{row['run']}  top1={row['top1']}")
+        print("    " + ", ".join(f"{key}={value:.3g}" for key, value in cells.items()))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
