@@ -10,7 +10,9 @@ ratios survive it far better, so the targets are ratios (issue #12), at dim
 1. ``SoftMoE`` >= 1.2x faster than lucidrains/soft-moe-pytorch at 8, 64, 256
    experts (64, 64, 256 slots);
 2. ``TokensChoiceMoE`` top-2 >= 1.2x faster than lucidrains/st-moe-pytorch at
-   equal expert buffers, and <= 2.0x ``DenseMLP``'s time at every expert count;
+   equal expert buffers (st-moe at its capacity factor 1.25 routing the batch
+   as one sequence, ours at C = 0.625 in groups of 8 images: both hold 1.25x
+   the tokens), and <= 2.0x ``DenseMLP``'s time at every expert count;
 3. time(256 experts) / time(8) <= 1.5 for Tokens and Experts Choice (k=1,
    C=1), <= 1.3 for Soft MoE at 256 slots; Soft MoE at 64 slots: time ratio to
    dense <= 1.15x its FLOP ratio;
@@ -46,20 +48,22 @@ from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 PEER_EXPERTS = (8, 64, 256)
 ST_MOE_CAPACITY_FACTOR = 1.25  # st-moe's training default
 ST_MOE_MIN_CAPACITY = 4  # st-moe never sizes a buffer below 4 rows
-GROUP_IMAGES = 8  # Tokens Choice routing group (the paper's), also st-moe's sequence here
+GROUP_IMAGES = 8  # Tokens Choice routing group (the paper's)
 
 
 # ----------------------------------------------------------------------------- layers
 
 
-def st_moe_capacity(group_tokens: int, experts: int) -> int:
-    """Rows per expert and sequence in st-moe: floor(tokens * 1.25 / E), clamped to [4, tokens]."""
-    return max(min(group_tokens, int(group_tokens * ST_MOE_CAPACITY_FACTOR / experts)), ST_MOE_MIN_CAPACITY)
+def st_moe_capacity(sequence_tokens: int, experts: int) -> int:
+    """Rows per expert and sequence in st-moe: floor(tokens * 1.25 / E), clamped to [4, tokens]
+    (without k: top-2 choices share those rows)."""
+    return max(min(sequence_tokens, int(sequence_tokens * ST_MOE_CAPACITY_FACTOR / experts)), ST_MOE_MIN_CAPACITY)
 
 
-def equal_buffer_factor(group_tokens: int, experts: int, k: int = 2) -> float:
-    """The capacity factor at which our Tokens Choice holds as many rows per expert as st-moe."""
-    return st_moe_capacity(group_tokens, experts) * experts / (k * group_tokens)
+# Our top-2 layer at C = 1.25 / 2 holds 1.25x the tokens in its buffers, as many rows as st-moe
+# holds when it routes the whole batch as one sequence (its rows per expert: st_moe_capacity);
+# ceil per group of 8 images adds at most one row per expert and group (1.2x st-moe's rows at 256 experts).
+EQUAL_BUFFER_FACTOR = ST_MOE_CAPACITY_FACTOR / 2
 
 
 class PeerSoftMoE(nn.Module):
@@ -79,8 +83,9 @@ class PeerSoftMoE(nn.Module):
 
 
 class PeerSTMoE(nn.Module):
-    """st-moe-pytorch's top-2 MoE with our expert MLP; a routing group is one of its sequences,
-    so the batch is reshaped into sequences of GROUP_IMAGES images, as our layer groups them."""
+    """st-moe-pytorch's top-2 MoE with our expert MLP. It routes each sequence on its own; the
+    whole batch is passed as one sequence (as issue #12 measured it), so that its buffers hold
+    1.25x the tokens like ours at C = 0.625."""
 
     def __init__(self, module, dim: int, hidden: int, experts: int):
         super().__init__()
@@ -93,8 +98,7 @@ class PeerSTMoE(nn.Module):
 
     def forward(self, x):
         batch, tokens, dim = x.shape
-        size = min(GROUP_IMAGES, batch)
-        out = self.layer(x.reshape(batch // size, size * tokens, dim))
+        out = self.layer(x.reshape(1, batch * tokens, dim))
         self.aux_loss = out.total_aux_loss
         return out.outputs.reshape(batch, tokens, dim)
 
@@ -122,7 +126,6 @@ def import_peers(root: Path | None) -> tuple[dict, list[str]]:
 
 def training_specs(experts: list[int], tokens: int, peers: dict) -> dict[str, tuple[str, int | None, Callable]]:
     """name -> (sweep, experts, factory(dim, hidden))."""
-    group_tokens = GROUP_IMAGES * tokens
     specs = {"dense": ("dense", None, lambda d, h: DenseMLP(d, h))}
     for e in experts:
         if tokens % e == 0 and e <= tokens:
@@ -133,9 +136,9 @@ def training_specs(experts: list[int], tokens: int, peers: dict) -> dict[str, tu
             "tokens_choice", e, lambda d, h, e=e: TokensChoiceMoE(d, h, e, k=1, capacity_factor=1.0, noise_std=0.0))
         specs[f"experts_choice/E={e}"] = (
             "experts_choice", e, lambda d, h, e=e: ExpertsChoiceMoE(d, h, e, capacity_factor=1.0, group_size=8))
-        c = equal_buffer_factor(group_tokens, e)
         specs[f"tokens_choice_top2/E={e}"] = (
-            "tokens_choice_top2", e, lambda d, h, e=e, c=c: TokensChoiceMoE(d, h, e, k=2, capacity_factor=c))
+            "tokens_choice_top2", e,
+            lambda d, h, e=e: TokensChoiceMoE(d, h, e, k=2, capacity_factor=EQUAL_BUFFER_FACTOR, group_size=GROUP_IMAGES))
     for e in PEER_EXPERTS:
         if e not in experts:
             continue
@@ -391,6 +394,41 @@ def print_report(result: dict) -> None:
                       f"{t['measured']:.3f}")
 
 
+def to_markdown(result: dict) -> str:
+    """The tables and targets of one run, for experiments/results/bench_routers.md."""
+    m, setup, training = result["machine"], result["setup"], result["training"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"Python {m['python']}, glibc malloc tuning {'on' if m['malloc_tuned'] else 'off'}; "
+        f"load average at start {', '.join(f'{v:.1f}' for v in m['load_average_at_start'] or [])}; {m['date']}.",
+        f"Setup: dim {setup['dim']}, hidden {setup['hidden']}, {setup['tokens']} tokens per example, batch "
+        f"{setup['batch']}; median of {setup['repeats']} interleaved rounds after {setup['warmup']} warm-up rounds.",
+        "",
+        f"fp32 matmul peak in the same rounds: {training['matmul_peak_gflops']:.1f} GFLOP/s "
+        f"({', '.join(f'{k}: {v:.1f}' for k, v in training['matmul_gflops'].items())}).",
+        "",
+        "| layer | median ms | time / dense | FLOPs / dense | fwd+bwd GFLOP | GFLOP/s | of peak |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in training["rows"]:
+        lines.append(f"| {row['layer']} | {row['median_ms']:.1f} | {row['time_ratio_to_dense']:.3f} | "
+                     f"{row['flop_ratio_to_dense']:.3f} | {row['fwd_bwd_gflop']:.2f} | {row['gflops_per_s']:.1f} | "
+                     f"{row['fraction_of_peak']:.0%} |")
+    if result.get("inference"):
+        lines += ["", "Inference (eval, no grad, same rounds scheme):", "",
+                  "| model | batch-1 ms | latency / dense | batch-64 images/s | throughput / dense |",
+                  "|---|---:|---:|---:|---:|"]
+        for row in result["inference"]["rows"]:
+            lines.append(f"| {row['model']} | {row['batch1_latency_ms']:.2f} | {row['latency_ratio_to_dense']:.3f} | "
+                         f"{row['batch64_images_per_s']:.0f} | {row['throughput_ratio_to_dense']:.3f} |")
+    lines += ["", "| target | measured | met |", "|---|---:|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']:.3f} | {'yes' if t['met'] else '**no**'} |")
+    for note in result["notes"]:
+        lines.append(f"\nNote: {note}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moebench bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=192)
@@ -405,6 +443,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", default=None, help="time only the training layers whose name contains this")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference section")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown here")
     args = parser.parse_args(argv)
     if any(e < 1 for e in args.experts) or min(args.dim, args.hidden, args.tokens, args.batch, args.repeats) < 1:
         print("moebench bench: --experts, --dim, --hidden, --tokens, --batch and --repeats must be >= 1",
@@ -415,7 +454,8 @@ def main(argv: list[str]) -> int:
         return 2
 
     peers, notes = import_peers(args.peers)
-    result = {"setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+    result = {"setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                        if k not in ("out", "markdown")},
               "machine": machine(), "notes": notes}
     result["training"] = run_training(args.dim, args.hidden, args.tokens, args.batch, args.experts, peers,
                                       args.repeats, args.warmup, args.only)
@@ -431,6 +471,9 @@ def main(argv: list[str]) -> int:
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(args.out)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(to_markdown(result))
     return 0
 
 

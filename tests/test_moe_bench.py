@@ -1,0 +1,67 @@
+"""`moebench bench` end to end on tiny shapes (the figures are benchmarks, never asserted as timings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--dim", "8", "--hidden", "16", "--tokens", "8", "--batch", "16", "--experts", "2", "8",
+        "--repeats", "1", "--warmup", "0"]
+
+FAKE_SOFT_PEER = '''
+import torch
+from torch import nn
+
+class SoftMoE(nn.Module):  # stands in for soft-moe-pytorch: same constructor keywords
+    def __init__(self, dim, *, num_experts, num_slots, expert_mult, offload_unused_experts_to_cpu):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.seen = (num_experts, num_slots, expert_mult)
+
+    def forward(self, x):
+        return self.proj(x)
+'''
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moebench", "bench", *args], capture_output=True, text=True,
+                          env=ENV, timeout=900)
+
+
+def test_bench_reports_every_ratio_and_imports_peers_from_a_directory(tmp_path):
+    package = tmp_path / "peers" / "soft-moe-pytorch" / "soft_moe_pytorch"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_SOFT_PEER)
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    proc = bench(*TINY, "--peers", str(tmp_path / "peers"), "--out", str(out), "--markdown", str(md))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {row["layer"]: row for row in result["training"]["rows"]}
+    assert {"dense", "soft64/E=8", "soft256/E=2", "tokens_choice/E=8", "experts_choice/E=2",
+            "tokens_choice_top2/E=8", "peer_soft_moe_pytorch/E=8"} <= set(rows)
+    assert "peer_st_moe_pytorch/E=8" not in rows  # absent from the directory: skipped with a note
+    assert any("st-moe-pytorch" in note for note in result["notes"])
+    assert rows["dense"]["time_ratio_to_dense"] == 1.0 and rows["dense"]["flop_ratio_to_dense"] == 1.0
+    # 8 tokens, 8 experts at one slot each: experts 4*B*S*d*h vs dense 4*B*T*d*h, plus routing 6*B*T*S*d.
+    assert rows["soft64/E=8"]["flop_ratio_to_dense"] == 1 + 6 * 8 * 8 / (4 * 8 * 16)
+    assert result["training"]["matmul_peak_gflops"] > 0
+    assert all(0 < row["fraction_of_peak"] for row in rows.values())
+    targets = [t["target"] for t in result["targets"]]
+    assert any("vs soft-moe-pytorch" in t for t in targets)
+    assert any(t.startswith("tokens_choice: time(E=8) / time(E=2)") for t in targets)
+    assert any("fraction of fp32 matmul peak" in t for t in targets)
+    inference = {row["model"]: row for row in result["inference"]["rows"]}
+    assert inference["layer dense"]["latency_ratio_to_dense"] == 1.0
+    assert {"vit-cifar10 soft", "vit-cifar10 tokens_choice", "vit-cifar10 experts_choice"} <= set(inference)
+    assert "| soft64/E=8 |" in md.read_text()
+
+
+def test_bench_refuses_bad_arguments_in_one_line(tmp_path):
+    for args, word in ((["--experts", "0"], "--experts"), (["--peers", str(tmp_path / "missing")], "--peers")):
+        proc = bench(*args)
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr and word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
