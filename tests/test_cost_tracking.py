@@ -64,7 +64,8 @@ def test_warm_up_goes_on_until_the_times_settle_and_a_minimum_time_has_passed():
     assert warm_up(lambda: None, cpu, min_seconds=0.175, tolerance=0.1, time_call=fake(slow_start)) == 10
     assert warm_up(lambda: None, cpu, min_seconds=0.0, min_calls=12, time_call=fake(slow_start)) == 12
     never_settles = [10.0] + [0.01, 0.03] * 100
-    assert warm_up(lambda: None, cpu, max_seconds=0.19, time_call=fake(never_settles)) == 11  # the cap
+    assert warm_up(lambda: None, cpu, min_seconds=0.0, max_seconds=0.19, time_call=fake(never_settles)) == 11  # the cap
+    assert warm_up(lambda: None, cpu, min_seconds=0.3, max_seconds=0.19, time_call=fake(never_settles)) == 17
     assert warm_up(lambda: time.sleep(0.001), cpu, min_seconds=0.0, tolerance=10.0) == 7  # real calls
 
 
