@@ -170,7 +170,8 @@ def print_table(subjects: list[Subject], measured: dict[Path, dict], root: Path)
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    table = Table(title=f"re-timed in one process, median of rounds (runs under {root})", title_justify="left")
+    console.print(f"runs under {root}:", soft_wrap=True, markup=False, highlight=False)  # whole, never cut
+    table = Table(title="re-timed in one process, median of rounds", title_justify="left")
     for col in ("run", "inference ms / image", "(in the training job)", "latency ms", "training ms / image"):
         table.add_column(col, justify="left" if col == "run" else "right", overflow="fold")
     for subject in subjects:
