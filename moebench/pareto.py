@@ -477,9 +477,10 @@ def _arm_styles(arms: list[dict]) -> dict[str, tuple]:
             for i, label in enumerate(labels)}
 
 
-def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path: Path, title: str) -> None:
+def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path: Path, title: str) -> dict:
     """One panel per cost axis (and per setup): arm means with 95% error bars, the frontier over
-    the means, every single run faintly behind."""
+    the means, every single run faintly behind. Returns what it drew: the legend's entries and
+    per panel (setup, axis) its x scale and tick labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -544,7 +545,15 @@ def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path
     legend_height = (0.22 * legend_rows + 0.15) / fig.get_figheight()
     fig.tight_layout(rect=(0, legend_height, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: reruns give the same file
+    drawn = {"legend": [h.get_label() for h in handles], "panels": {}}
+    for s, setup in enumerate(setups):
+        for a, axis in enumerate(axes):
+            ax = grid[s * per_setup + a // ncols][a % ncols]
+            drawn["panels"][(setup, axis)] = {
+                "xscale": ax.get_xscale(), "ylabel": ax.get_ylabel(),
+                "xticks": [t.get_text() for t in ax.get_xticklabels() if t.get_text()]}
     plt.close(fig)
+    return drawn
 
 
 # ----------------------------------------------------------------------------- the terminal

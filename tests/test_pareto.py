@@ -7,7 +7,7 @@ import json
 import pytest
 from pathlib import Path
 
-from moebench.pareto import ParetoError, aggregate, ci95_half_width, human_flops, human_mb, human_percent
+from moebench.pareto import ParetoError, aggregate, plot, ci95_half_width, human_flops, human_mb, human_percent
 from moebench.pareto import pareto_mask, si, t_quantile, welch_ci95
 from moebench.tracking import atomic_write_json
 
@@ -201,3 +201,21 @@ def test_quiet_re_timings_replace_the_training_ones_and_memory_joins_the_axes(tm
     assert rows["b"]["frontier_train_peak_mb"] and rows["a"]["frontier_train_peak_mb"]
     fake_run(tmp_path / "old", "c", "dense", 0.7, 0.5)  # an older record without memory: the axis is left out
     assert "train_peak_mb" not in aggregate([tmp_path], tmp_path / "out", show=False)["cost_axes"]
+
+
+def test_the_plot_explains_every_mark_in_human_units(tmp_path):
+    rows, arms = [], []
+    for label, router, gflops, params in (("soft E8 p1", "soft", 0.031, 4_000_000), ("dense", "dense", 0.030, 200_000)):
+        arms.append({"label": label, "setup": "", "router": router, "top1_mean": 0.5, "top1_ci95": 0.01,
+                     "gflops_per_image_mean": gflops, "params_total_mean": params,
+                     "frontier_gflops_per_image": True, "frontier_params_total": True})
+        rows += [{"label": label, "setup": "", "router": router, "top1": 0.5 + d, "gflops_per_image": gflops,
+                  "params_total": params} for d in (-0.01, 0.01)]
+    drawn = plot(rows, arms, ["gflops_per_image", "params_total"], "top1", tmp_path / "p.png", "t")
+    assert {"soft E8 p1", "dense"} <= set(drawn["legend"])  # a colour per arm...
+    assert any("single run" in entry for entry in drawn["legend"])  # ...and every other kind of mark
+    assert any("95%" in entry for entry in drawn["legend"]) and any("frontier" in entry for entry in drawn["legend"])
+    flops, params = drawn["panels"][("", "gflops_per_image")], drawn["panels"][("", "params_total")]
+    assert flops["xscale"] == "linear" and params["xscale"] == "log"  # 30-31 MFLOPs is narrow; 0.2M-4M is not
+    assert all(tick.endswith("M") for tick in flops["xticks"])  # 30M, not 0.03 or 3e-2
+    assert {"200k", "1M"} <= set(params["xticks"]) and flops["ylabel"] == "test top-1 (%)"
