@@ -75,7 +75,7 @@ def draw_heatmaps(path: Path, images: list[np.ndarray], captions: list[str], map
             heat = ax.imshow(maps[row, col], cmap="inferno", vmin=0, vmax=vmax, alpha=0.75,
                              extent=(0, w, h, 0), interpolation="nearest")
     fig.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.6, label="weight")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(_wrap(title, 25 + 18 * k), fontsize=9)
     _save(fig, path)
 
 
@@ -111,7 +111,7 @@ def draw_categories(path: Path, images: list[np.ndarray], captions: list[str],
             ax.set_ylim(h, 0)
             if col == 0:
                 ax.set_ylabel(row_title, fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(_wrap(title, 20 + 30 * n), fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -131,40 +131,56 @@ def draw_load(path: Path, layers: dict[str, dict], title: str) -> None:
         ax.set_ylabel("share")
         ax.set_xlim(-1, len(load))
     axes[0, 0].legend(fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(_wrap(title, 110), fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
 
-def draw_position_maps(path: Path, maps: dict[str, np.ndarray], title: str, vmax: float | None) -> None:
-    """One heatmap over the patch grid per layer, the value printed in each cell."""
+def draw_position_maps(path: Path, maps: dict[str, np.ndarray], title: str, fixed_range: bool) -> None:
+    """One heatmap over the patch grid per layer, the value printed in each cell.
+
+    ``fixed_range``: colours span [0, 1] (rates); otherwise the data's own range (relative weights near 1)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(maps), figsize=(3.4 * len(maps) + 0.6, 3.6), squeeze=False)
-    top = vmax if vmax is not None else max(float(np.max(m)) for m in maps.values()) or 1.0
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.4 * len(maps) + 1.2, 4.0), squeeze=False, layout="constrained")
+    values = np.concatenate([m.ravel() for m in maps.values()])
+    low, top = (0.0, 1.0) if fixed_range else (float(values.min()), float(values.max()))
+    top = top if top > low else low + 1e-6
     for ax, (name, grid) in zip(axes[0], maps.items()):
-        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
+        image = ax.imshow(grid, cmap="viridis", vmin=low, vmax=top, interpolation="nearest")
         if grid.size <= 256:
             for (i, j), value in np.ndenumerate(grid):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5.5,
-                        color="white" if value < 0.6 * top else "black")
+                        color="white" if value < low + 0.6 * (top - low) else "black")
         ax.set_title(f"{name} (mean {grid.mean():.3f})", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(_wrap(title, 30 + 40 * len(maps)), fontsize=9)
     _save(fig, path)
 
 
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def draw_similarity(path: Path, matrices: dict[str, np.ndarray], title: str) -> None:
+    """Colours span [lowest off-diagonal value, 1] over all layers, so structure shows even
+    when all experts are nearly alike (the titles give the numbers)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices) + 0.8, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.8 * len(matrices) + 1.2, 4.0), squeeze=False,
+                             layout="constrained")
+    offs = {name: sim[~np.eye(len(sim), dtype=bool)] for name, sim in matrices.items()}
+    low = min((float(off.min()) for off in offs.values() if off.size), default=0.0)
+    low = min(np.floor(low * 100) / 100, 0.99)
     for ax, (name, sim) in zip(axes[0], matrices.items()):
-        image = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-        off = sim[~np.eye(len(sim), dtype=bool)]
+        image = ax.imshow(sim, cmap="viridis", vmin=low, vmax=1, interpolation="nearest")
+        off = offs[name]
         ax.set_title(f"{name}\noff-diagonal mean {off.mean():.3f}, min {off.min():.3f}", fontsize=8)
         ax.set_xlabel("expert")
         ax.set_ylabel("expert")
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=f"cosine similarity ({low:g} to 1)")
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
 

@@ -249,7 +249,7 @@ def _common_pictures(tmp, record, summaries, layers, grid, offset, router) -> No
     file = "position_rate.png"
     maps = {short(n): np.asarray(s["position_rate"]) for n, s in stats.items()}
     figures.draw_position_maps(tmp / file, maps, f"By patch position, {images} test images: {meaning}",
-                               vmax=None if router == "soft" else 1.0)
+                               fixed_range=router != "soft")
     _add_figure(record, file, "position_rate", f"By patch position, per MoE layer: {meaning}.")
 
     file = "expert_similarity.png"
