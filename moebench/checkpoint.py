@@ -29,6 +29,8 @@ RESUME_MAY_DIFFER = (
     "wandb.", "device", "threads", "resume", "expert_parallel", "data.root", "data.download",
     "data.eval_batch_size",
 )
+# The command-line shortcuts count through the router keys they feed (a dense run ignores them).
+SHORTCUTS = ("experts", "slots", "k", "capacity_factor")
 
 
 def checkpoint_path(resume: str) -> Path:
@@ -63,7 +65,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def may_differ(key: str) -> bool:
-    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUME_MAY_DIFFER)
+    return key in SHORTCUTS or any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUME_MAY_DIFFER)
 
 
 def check_resume_config(saved: dict, cfg: DictConfig | dict, path: Path) -> None:

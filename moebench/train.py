@@ -731,12 +731,13 @@ def run_job(cfg: DictConfig) -> dict:
             probe.after_training(cfg, result, state["run_dir"])  # eval.probe: few-shot probes into the result
             outcome = result["status"]
             return result
-    except (UserError, DataError) as err:
-        error = str(err)
+    except (UserError, DataError, OSError) as err:  # OSError: a full disk, a dir made read-only...
+        error = str(err) if not isinstance(err, OSError) else f"{err.filename or state['run_dir']}: {err.strerror}"
         if ranks.is_main:
             print(f"moebench: error: {error}", file=sys.stderr, flush=True)  # one plain line, never wrapped
         if not multirun:
-            raise SystemExit(status.EXIT_BAD_INPUT) from None
+            bad_input = not isinstance(err, (OSError, RecordError))
+            raise SystemExit(status.EXIT_BAD_INPUT if bad_input else status.EXIT_FAILED) from None
         return {"status": status.FAILED, "error": error}
     except KeyboardInterrupt:  # a second Ctrl-C: out now, with the last checkpoint written
         outcome, error = status.PREEMPTED, "KeyboardInterrupt (SIGINT twice): stopped mid-step"
@@ -870,6 +871,8 @@ def main(args: list[str]) -> int:
             code = exc.code if isinstance(exc.code, int) else 1
             return code
         code = status.command_exit_code(COMMAND.multirun)
+        if STARTUP_STOP.signum:  # e.g. Ctrl-C while launcher workers ran the jobs: they stopped, so did we
+            code = status.exit_code(status.PREEMPTED, STARTUP_STOP.signum)
         return code
     finally:
         distributed.teardown(ok=code == status.EXIT_OK)

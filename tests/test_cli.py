@@ -86,9 +86,11 @@ def test_gflops_per_image_is_the_analytic_count(tmp_path):
 
 
 def test_multirun_sweep_runs_every_job_in_readable_dirs(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = moebench("train", "-m", *TINY, "router=soft,dense", f"hydra.sweep.dir={sweep}")
+    proc = moebench("train", "-m", *TINY, "router=soft,dense", cwd=tmp_path)  # the default, dated sweep dir
     assert proc.returncode == 0, proc.stderr[-3000:]
+    sweeps = list(tmp_path.glob("multirun/*/*"))
+    assert len(sweeps) == 1 and (sweeps[0] / "pareto.json").is_file()
+    sweep = sweeps[0]
     jobs = sorted(p.name for p in sweep.iterdir() if (p / "result.json").exists())
     assert jobs == ["0_experiment=smoke,router=soft", "1_experiment=smoke,router=dense"]
     assert {result(sweep / j)["status"] for j in jobs} == {"completed"}

@@ -108,10 +108,10 @@ TC = ["experiment=smoke", "router=tokens_choice", "router.group_size=2", "router
       "deterministic=true", "train.epochs=2"]
 
 
-def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "moebench", *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300,
+         "-m", "moebench", *args], capture_output=True, text=True, cwd=cwd, env=env or ENV, timeout=300,
     )
 
 
@@ -173,3 +173,26 @@ def test_expert_parallel_needs_experts_divisible_by_processes(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("moebench: error: expert_parallel=true needs experts (3) divisible by the 2") == 1
     assert 'moebench/' not in proc.stderr  # no traceback from moebench (torchrun's agent prints its own)
+
+
+def test_a_rank_that_raises_stops_every_rank_promptly_with_one_error(tmp_path):
+    run_dir = tmp_path / "run"
+    # Rank 1 fails in its 3rd step while rank 0 waits in that step's collective. A collective
+    # timeout longer than torchrun()'s 300 s: waiting for it would fail the test.
+    env = {**ENV, "MOEBENCH_FAULT": "raise:step:3:1", "MOEBENCH_COLLECTIVE_TIMEOUT_S": "900"}
+    proc = torchrun("train", *TC, f"hydra.run.dir={run_dir}", env=env)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moebench: error:")]
+    assert errors == ["moebench: error: rank 1: RuntimeError: injected fault at step #3"], proc.stderr[-3000:]
+    assert 'File "' + str(Path(__file__).parents[1] / "moebench") not in proc.stderr  # no moebench traceback
+    res = result(run_dir)  # rank 0's record: failed, because another rank did
+    assert res["status"] == "failed" and res["error"].startswith("another rank failed")
+    assert res["position"]["step"] == 2
+
+
+def test_torchrun_sweep_lands_in_one_sweep_dir(tmp_path):
+    proc = torchrun("train", "-m", *TC, "train.epochs=1", "seed=0,1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweeps = list(tmp_path.glob("multirun/*/*"))
+    assert len(sweeps) == 1 and len(list(sweeps[0].glob("*/result.json"))) == 2  # both ranks, both jobs: one dir
+    assert (sweeps[0] / "pareto.json").is_file()

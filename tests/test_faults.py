@@ -200,3 +200,38 @@ def test_skip_nonfinite_steps_skips_that_many_then_goes_on(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = result(run_dir)
     assert res["status"] == "completed" and res["skipped_nonfinite_steps"] == 1
+
+
+def test_resume_refuses_a_result_changing_difference_and_leaves_nothing_behind(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = moebench("train", *RUN, "train.epochs=2", "train.time_limit_min=0", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0 and result(run_dir)["status"] == "stopped", proc.stderr[-2000:]
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    for change, key in (("train.weight_decay=0.1", "train.weight_decay"), ("precision=bf16", "precision")):
+        proc = moebench("train", *RUN, "train.epochs=2", change, f"resume={run_dir}", cwd=work)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.startswith("moebench: error: ") and f": {key} was " in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
+    assert list(work.iterdir()) == []  # no stray run dir
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before  # the run dir untouched
+
+    # Longer, with other threads: allowed; everything of the resumed run lands in the run dir.
+    proc = moebench("train", *RUN, "train.epochs=3", "threads=1", f"resume={run_dir}", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(work.iterdir()) == []
+    assert result(run_dir)["status"] == "completed" and result(run_dir)["epochs_completed"] == 3
+    assert "epoch 3/3" in (run_dir / "train.log").read_text()
+    assert "train.epochs=3" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_records_follow_the_users_umask(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "moebench", "train", "experiment=smoke", f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, env=ENV, preexec_fn=lambda: os.umask(0o002), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    subprocess.run([sys.executable, "-m", "moebench", "pareto", str(run_dir), "--wandb-mode", "disabled"],
+                   capture_output=True, env=ENV, preexec_fn=lambda: os.umask(0o002), timeout=300, check=True)
+    for name in ("result.json", "metrics.jsonl", "last.pt", "pareto.json"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o664, name  # group-readable and -writable, as asked

@@ -14,10 +14,18 @@ def statuses(sweep_dir) -> dict[str, str]:
     return {run.name: result(run)["status"] for run in sweep_dir.iterdir() if (run / "result.json").is_file()}
 
 
+def the_sweep_dir(cwd) -> object:
+    """The one sweep dir a command left under its default multirun/DATE/TIME/: the launching
+    process resolves it once, and every job and the Pareto callback use that one."""
+    sweeps = list(cwd.glob("multirun/*/*"))
+    assert len(sweeps) == 1, sweeps
+    return sweeps[0]
+
+
 def test_submitit_local_sweep_lands_runs_and_pareto_in_the_sweep_dir(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = moebench("train", *TINY_SWEEP, "k=1,2", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}")
+    proc = moebench("train", *TINY_SWEEP, "k=1,2", "hydra/launcher=submitit_local", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = the_sweep_dir(tmp_path)
     assert sorted(statuses(sweep).values()) == ["completed", "completed"]
     assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # the jobs really went through submitit
     pareto = json.loads((sweep / "pareto.json").read_text())
@@ -37,9 +45,9 @@ def test_submitit_local_failed_job_is_recorded_and_fails_the_command(tmp_path):
 
 
 def test_parallel_sweep_caps_threads_and_reports_a_failed_job(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = moebench("train", *TINY_SWEEP, "k=1,9", "hydra/launcher=parallel", f"hydra.sweep.dir={sweep}")
+    proc = moebench("train", *TINY_SWEEP, "k=1,9", "hydra/launcher=parallel", cwd=tmp_path)
     assert proc.returncode == 1  # the failure happened in a worker process, yet the command says so
+    sweep = the_sweep_dir(tmp_path)
     assert "k (router.k) must be in [1, experts=4], got 9" in proc.stderr
     done = statuses(sweep)
     assert sorted(done.values()) == ["completed", "failed"]
@@ -76,12 +84,14 @@ def test_slurm_preset_becomes_one_sbatch_array_without_submitting(tmp_path):
         tool.chmod(0o755)
     script = tmp_path / "job.sbatch"
     env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SBATCH_SCRIPT": str(script)}
-    sweep = tmp_path / "sweep"
     proc = moebench("train", "-m", "experiment=smoke", "router=soft,dense,tokens_choice", "hydra/launcher=slurm",
                     "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
-                    "hydra.launcher.array_parallelism=2", f"hydra.sweep.dir={sweep}", env=env)
+                    "hydra.launcher.array_parallelism=2", env=env, cwd=tmp_path)
     assert proc.returncode != 0 and "fake sbatch: nothing submitted" in proc.stderr
-    lines = set(script.read_text().splitlines())
+    sweep = the_sweep_dir(tmp_path)
+    text = script.read_text()
+    assert f"{sweep.relative_to(tmp_path)}/.submitit/%j" in text  # the job's paths: the same, resolved dir
+    lines = set(text.splitlines())
     for line in ("#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --array=0-2%2",
                  "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB",
                  "#SBATCH --ntasks-per-node=1"):

@@ -92,3 +92,67 @@ def test_sweep_dir_labels_stay_short_and_distinct():
     long_a, long_b = ",".join(f"key{i}=value" for i in range(40)), ",".join(f"key{i}=other" for i in range(40))
     a, b = dirname_label(long_a), dirname_label(long_b)
     assert len(a) < 140 and a != b and a.startswith("key0=value,")
+
+
+# ----------------------------------------------------------------------------- schema, resume rules, statuses
+
+@pytest.mark.parametrize("router", ["soft", "tokens_choice", "experts_choice", "dense"])
+@pytest.mark.parametrize("extra", [[], ["experiment=smoke"], ["model=b", "data=cifar10"]])
+def test_the_schema_accepts_every_shipped_preset(router, extra):
+    from moebench import schema
+    from moebench.preflight import resolve
+
+    schema.check(resolve(compose_cfg(f"router={router}", *extra)))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["experts=abc"], "experts (router.num_experts) must be an int >= 1, got 'abc'"),
+    (["router=tokens_choice", "router.capacity_rounding=1.5"], "router.capacity_rounding must be an int >= 1, ceil or round"),
+    (["train.betas=[0.9,high]"], "train.betas must be a list of floats"),
+    (["model.moe.layers=[1,x]"], "model.moe.layers must be a list of ints"),
+    (["wandb.mode=on"], "wandb.mode must be offline, online or disabled, got 'on'"),
+    (["train.checkpoint_every_steps=0"], "train.checkpoint_every_steps must be an int >= 1 or null, got 0"),
+])
+def test_the_schema_names_the_key_and_what_is_allowed(overrides, message):
+    from moebench import schema
+    from moebench.preflight import resolve
+
+    with pytest.raises(ConfigError) as err:
+        schema.check(resolve(compose_cfg(*overrides)))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_unknown_keys_name_the_nearest_known_one():
+    from moebench.schema import unknown_key_error
+
+    known = ["experts", "train.epochs", "train.lr", "router.num_experts", "router.k"]
+    assert "did you mean experts?" in str(unknown_key_error("expert", known))
+    assert "did you mean train.epochs?" in str(unknown_key_error("train.epoch", known))
+    assert "did you mean router.num_experts?" in str(unknown_key_error("router.experts", known))
+    assert "did you mean" not in str(unknown_key_error("zzz", known))
+
+
+def test_resume_may_change_only_what_does_not_change_the_result(tmp_path):
+    from moebench.checkpoint import check_resume_config
+    from moebench.errors import CheckpointError
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_container(compose_cfg("experiment=smoke"), resolve=True)
+    for fine in (["train.epochs=5"], ["train.time_limit_min=3"], ["wandb.mode=online"], ["threads=1"],
+                 ["device=cpu"], ["train.checkpoint_every_steps=7"], ["train.log_every=3"]):
+        check_resume_config(saved, compose_cfg("experiment=smoke", *fine), tmp_path / "last.pt")
+    for changed in ("train.weight_decay=0.1", "train.label_smoothing=0.1", "train.grad_clip=2.0",
+                    "train.betas=[0.9,0.95]", "precision=bf16", "compile=true", "seed=1", "router.num_experts=8",
+                    "data.val_fraction=0.3", "train.skip_nonfinite_steps=2"):
+        with pytest.raises(CheckpointError, match=f": {changed.split('=')[0]} was "):
+            check_resume_config(saved, compose_cfg("experiment=smoke", changed), tmp_path / "last.pt")
+
+
+def test_every_status_has_its_exit_code():
+    import signal
+
+    from moebench import status
+
+    assert [status.exit_code(s) for s in ("completed", "stopped", "diverged", "failed")] == [0, 0, 3, 1]
+    assert status.exit_code("preempted", signal.SIGTERM) == 143 and status.exit_code("preempted", signal.SIGINT) == 130
+    assert status.exit_code("preempted", signal.SIGUSR1) == 138
