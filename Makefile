@@ -30,8 +30,9 @@ test: install ## the fast test suite (what CI runs; < 10 min on 2 cores)
 test-slow: install ## the slow tests only (long end-to-end runs)
 	$(BIN)/python -m pytest -m slow
 
-bench: install ## router fwd+bwd time vs dense -> experiments/results/bench_routers.json
-	$(BIN)/moebench bench --out experiments/results/bench_routers.json
+PEERS ?= /tmp/peers
+bench: install ## router fwd+bwd time vs dense, matmul peak and peers (PEERS=DIR) -> experiments/results/bench_routers.json
+	$(BIN)/moebench bench --peers $(PEERS) --out experiments/results/bench_routers.json --markdown experiments/results/bench_routers_tables.md
 
 bench-processes: install ## training images/s, 1 vs 2 processes (torchrun) -> experiments/results/bench_processes.json
 	$(BIN)/python experiments/bench_processes.py --out experiments/results/bench_processes.json
