@@ -131,17 +131,27 @@ def summarize(draws: list[dict], k: int, num_classes: int, test_examples: int, h
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, images: torch.Tensor, mean, std, batch_size: int = FEATURE_BATCH
                      ) -> np.ndarray:
-    """Pre-logit features (the classifier head's input) of uint8 ``images``, a batch at a time."""
+    """Pre-logit features (the classifier head's input) of uint8 ``images``, a batch at a time.
+
+    The images go through in a fixed random order: Tokens Choice routes groups
+    of consecutive images together, and a split stored class by class would
+    otherwise fill every group with one class (as training never does, since
+    it shuffles), which changes drops and features."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     captured: list[torch.Tensor] = []
     hook = model.head.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach().float().cpu()))
     try:
-        loader = Loader(images, torch.zeros(len(images), dtype=torch.long), batch_size, shuffle=False,
+        loader = Loader(images[order], torch.zeros(len(images), dtype=torch.long), batch_size, shuffle=False,
                         drop_last=False, mean=mean, std=std)
         for batch, _ in loader:
             model(batch)
     finally:
         hook.remove()
-    return torch.cat(captured).numpy() if captured else np.zeros((0, model.head.in_features), np.float32)
+    if not captured:
+        return np.zeros((0, model.head.in_features), np.float32)
+    features = torch.empty(len(images), captured[0].shape[1])
+    features[order] = torch.cat(captured)
+    return features.numpy()
 
 
 def dataset_key(data_cfg: dict) -> str:

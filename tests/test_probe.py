@@ -148,3 +148,21 @@ def test_eval_probe_runs_after_training_and_bad_settings_stop_before_it(tmp_path
         assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
         assert not (tmp_path / "bad" / "last.pt").exists()  # refused before any training
+
+
+def test_features_come_back_in_input_order_though_fed_shuffled():
+    import torch
+
+    from moebench.probe import extract_features
+
+    class Echo(torch.nn.Module):  # the "pre-logit feature" of an image is its first pixel
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.head(x[:, :1, 0, 0])
+
+    images = torch.arange(70, dtype=torch.uint8).view(70, 1, 1, 1)
+    features = extract_features(Echo(), images, mean=(0.0,), std=(1 / 255,), batch_size=16)
+    np.testing.assert_allclose(features[:, 0], np.arange(70), atol=1e-4)
