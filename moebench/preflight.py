@@ -26,7 +26,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
 from . import checkpoint, schema
-from .errors import ConfigError, UserError
+from .errors import ConfigError
 
 PASSTHROUGH_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "experimental_rerun")
 MAX_JOBS_CHECKED = 64  # bigger sweeps: every value of every swept key once
@@ -200,7 +200,3 @@ def one_line(err: BaseException) -> str:
             break
         kept.append(line)
     return " ".join(kept) or type(err).__name__
-
-
-def fail(err: UserError) -> str:
-    return f"moebench: error: {err}"

@@ -21,7 +21,7 @@ ENV = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONWAR
 def moebench(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "moebench", *args], capture_output=True, text=True, cwd=cwd,
-        env=env or ENV, timeout=300,
+        env=env or ENV, timeout=600,
     )
 
 

@@ -111,7 +111,7 @@ TC = ["experiment=smoke", "router=tokens_choice", "router.group_size=2", "router
 def torchrun(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "moebench", *args], capture_output=True, text=True, cwd=cwd, env=env or ENV, timeout=300,
+         "-m", "moebench", *args], capture_output=True, text=True, cwd=cwd, env=env or ENV, timeout=600,
     )
 
 
@@ -124,7 +124,7 @@ def assert_same_training(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
     la = [m["train/loss"] for m in metric_lines(a) if "train/loss" in m]
     lb = [m["train/loss"] for m in metric_lines(b) if "train/loss" in m]
-    assert len(la) == len(lb) == 8 and la == pytest.approx(lb, abs=1e-5)
+    assert len(la) == len(lb) == 6 and la == pytest.approx(lb, abs=1e-5)  # 2 epochs of 3 steps (51 training images)
     assert result(a)["quality"]["top1"] == result(b)["quality"]["top1"]
 
 
@@ -178,8 +178,8 @@ def test_expert_parallel_needs_experts_divisible_by_processes(tmp_path):
 def test_a_rank_that_raises_stops_every_rank_promptly_with_one_error(tmp_path):
     run_dir = tmp_path / "run"
     # Rank 1 fails in its 3rd step while rank 0 waits in that step's collective. A collective
-    # timeout longer than torchrun()'s 300 s: waiting for it would fail the test.
-    env = {**ENV, "MOEBENCH_FAULT": "raise:step:3:1", "MOEBENCH_COLLECTIVE_TIMEOUT_S": "900"}
+    # timeout longer than torchrun()'s 600 s: waiting for it would fail the test.
+    env = {**ENV, "MOEBENCH_FAULT": "raise:step:3:1", "MOEBENCH_COLLECTIVE_TIMEOUT_S": "1800"}
     proc = torchrun("train", *TC, f"hydra.run.dir={run_dir}", env=env)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("moebench: error:")]

@@ -43,13 +43,13 @@ def logged_steps(run_dir: Path) -> int:
 def signal_at(proc: subprocess.Popen, run_dir: Path, step: int, sig: int, after: int = 0) -> tuple[int, str]:
     """Send ``sig`` once the run has logged ``step`` steps and more than ``after`` (where it
     resumed), or it ended; returns (exit code, stderr)."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     step = max(step, after + 1)
     while proc.poll() is None and logged_steps(run_dir) < step and time.monotonic() < deadline:
         time.sleep(0.02)
     if proc.poll() is None:
         os.kill(proc.pid, sig)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     return proc.returncode, err
 
 
@@ -164,7 +164,7 @@ def test_a_second_run_into_the_same_dir_refuses_while_the_first_runs(tmp_path):
     run_dir = tmp_path / "run"
     long = ["train.epochs=40"]  # 160 slowed steps: still running when the second starts
     first = start(run_dir, *long)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while logged_steps(run_dir) < 1 and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     second = moebench("train", *RUN, *long, f"hydra.run.dir={run_dir}")
@@ -229,9 +229,9 @@ def test_resume_refuses_a_result_changing_difference_and_leaves_nothing_behind(t
 def test_records_follow_the_users_umask(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "moebench", "train", "experiment=smoke", f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, env=ENV, preexec_fn=lambda: os.umask(0o002), timeout=300)
+                          capture_output=True, text=True, env=ENV, preexec_fn=lambda: os.umask(0o002), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     subprocess.run([sys.executable, "-m", "moebench", "pareto", str(run_dir), "--wandb-mode", "disabled"],
-                   capture_output=True, env=ENV, preexec_fn=lambda: os.umask(0o002), timeout=300, check=True)
+                   capture_output=True, env=ENV, preexec_fn=lambda: os.umask(0o002), timeout=600, check=True)
     for name in ("result.json", "metrics.jsonl", "last.pt", "pareto.json"):
         assert (run_dir / name).stat().st_mode & 0o777 == 0o664, name  # group-readable and -writable, as asked
