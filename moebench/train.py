@@ -878,3 +878,5 @@ def main(args: list[str]) -> int:
         distributed.teardown(ok=code == status.EXIT_OK)
         if code != status.EXIT_OK and ranks.enabled:
             distributed.abandon(code)  # the other ranks may be anywhere: no barrier, no waiting
+        if code > 128:  # preempted, records written: the scheduler's grace period is not for interpreter teardown
+            distributed.abandon(code)
