@@ -264,8 +264,13 @@ def read_run(run_dir: Path) -> Run:
             if key in measured:
                 cost.setdefault(key, measured[key])
         timing = "measured" if "train_images_per_s" in measured else "measured inference"
+    quality = dict(data.get("quality") or {})
+    for name, shots in (data.get("probe") or {}).items():  # moebench probe: --quality probe.<data>.<k>shot
+        for key, entry in (shots if isinstance(shots, dict) else {}).items():
+            if isinstance(entry, dict) and "top1_mean" in entry:
+                quality[f"probe.{name}.{key}"] = entry["top1_mean"]
     return Run(run_dir, data.get("status", "unknown"), data.get("config") or {}, cost,
-               data.get("quality") or {}, data.get("error"), timing)
+               quality, data.get("error"), timing)
 
 
 def _finite(value) -> bool:
@@ -375,6 +380,8 @@ def run_rows(names: dict[Path, str], setups: dict[str, list[Run]], axes: list[st
                         "timing": run.timing})
             for key in ("top1", "top1_at_best_val", "val_top1_best", "top5"):
                 row[key] = run.quality.get(key)
+            if quality not in row:  # a probe quality (probe.<data>.<k>shot)
+                row[quality] = run.quality.get(quality)
             rows.append(row)
     frontier_flags(rows, axes, quality)
     for router in dict.fromkeys(row["router"] for row in rows):  # each router's own frontier
@@ -496,6 +503,8 @@ def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path
     fig, grid = plt.subplots(per_setup * len(setups), ncols, squeeze=False,
                              figsize=(4.8 * ncols, 3.7 * per_setup * len(setups) + 0.22 * legend_rows + 0.5))
     quality_name = "test top-1 (%)" if quality == "top1" else "test top-1 at the best val epoch (%)"
+    if quality.startswith("probe."):
+        quality_name = f"{quality.split('.')[-1]} linear probe on {quality.split('.')[1]}, top-1 (%)"
     for s, setup in enumerate(setups):
         for a, axis in enumerate(axes):
             ax = grid[s * per_setup + a // ncols][a % ncols]
@@ -718,6 +727,14 @@ than seed noise; overlapping intervals do not settle the ordering either way
 Timings come from `moebench measure` (cost_measured) where a run has them."""
 
 
+def quality_key(value: str) -> str:
+    if value in QUALITIES or (value.startswith("probe.") and len(value.split(".")) == 3):
+        return value
+    import argparse
+
+    raise argparse.ArgumentTypeError(f"{value!r}: choose {', '.join(QUALITIES)} or probe.<data>.<k>shot")
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -727,8 +744,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="where to write pareto.*; default: the path if only one")
     parser.add_argument("--allow-mixed", action="store_true",
                         help="runs of different setups (data, model, schedule): one frontier per setup")
-    parser.add_argument("--quality", default=QUALITY, choices=QUALITIES,
-                        help="quality axis: final model's test top-1, or test top-1 at the best validation epoch")
+    parser.add_argument("--quality", default=QUALITY, type=quality_key,
+                        help="quality axis: final model's test top-1 (top1), test top-1 at the best validation "
+                             "epoch (top1_at_best_val), or a few-shot probe's mean (probe.<data>.<k>shot, "
+                             "from moebench probe)")
     parser.add_argument("--wandb-mode", default=None, choices=["offline", "online", "disabled"],
                         help="default: as the runs were logged (disabled when none of them used W&B)")
     parser.add_argument("--wandb-project", default=None, help="default: the runs' project")

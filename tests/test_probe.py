@@ -113,6 +113,15 @@ def test_probe_cli_writes_result_json_probe_keys_and_keeps_the_rest(digits_run):
     assert set(merged) == {"digits", "synthetic"} and merged["digits"] == after["probe"]["digits"]
     assert set(merged["synthetic"]) == {"2shot"}
 
+    # The probe as the quality axis of a frontier.
+    out = digits_run.parent / "pareto"
+    proc = moebench("pareto", str(digits_run), "--quality", "probe.digits.5shot", "--out", str(out),
+                    "--wandb-mode", "disabled")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "pareto.json").read_text())
+    assert summary["quality"] == "probe.digits.5shot"
+    assert [row["probe.digits.5shot"] for row in summary["runs"]] == [merged["digits"]["5shot"]["top1_mean"]]
+
 
 def test_probe_bad_input_is_one_line_and_leaves_result_json_alone(digits_run, tmp_path):
     path = digits_run / "result.json"
