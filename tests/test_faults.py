@@ -111,6 +111,7 @@ def test_signals_at_random_steps_then_resuming_equals_an_uninterrupted_run(tmp_p
     assert_same_run(straight, run_dir)
 
 
+@pytest.mark.slow  # the fast suite kills a run inside a checkpoint write (below); this one kills it between
 def test_kill_9_loses_at_most_the_checkpoint_interval(tmp_path, straight):
     run_dir = tmp_path / "run"
     step = random.Random(2).randrange(5, TOTAL_STEPS - 2)
