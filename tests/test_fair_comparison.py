@@ -113,3 +113,23 @@ def test_dense_wide_control_widens_only_the_blocks_an_moe_would_replace():
     wide = build_model(compose_cfg("router=dense", "router.mlp_mult=4"), in_chans=1, num_classes=10)
     assert [b.mlp.fc1.out_features for b in base.blocks] == [256, 256, 256, 256]
     assert [b.mlp.fc1.out_features for b in wide.blocks] == [256, 256, 1024, 1024]
+
+
+def test_evaluation_splits_are_not_in_class_order(tmp_path):
+    """Sorted splits (ImageFolder lists class by class) are shuffled once, the same way for
+    every seed: groups of consecutive test images must not be one class (Tokens Choice)."""
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b", "c", "d"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(20):
+                Image.fromarray(np.full((4, 4, 3), i, dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    one = load_data("imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "cache"), val_fraction=0.25, seed=0)
+    two = load_data("imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "cache"), val_fraction=0.25, seed=5)
+    for labels in (one.test_labels, one.val_labels):
+        runs = (labels[1:] != labels[:-1]).sum().item()
+        assert runs > len(labels) // 2  # sorted would give 3 class changes
+        assert torch.bincount(labels).tolist() == [len(labels) // 4] * 4
+    assert torch.equal(one.test_labels, two.test_labels) and torch.equal(one.test_images, two.test_images)
