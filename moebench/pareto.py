@@ -32,6 +32,7 @@ from typing import Callable
 from hydra.experimental.callback import Callback
 
 from . import distributed, report
+from .schema import flatten
 from .tracking import atomic_write_json, sweep_group
 
 QUALITY = "top1"  # the final model's test top-1
@@ -214,17 +215,6 @@ class Run:
         if router == "dense" and self.get("router.mlp_mult") not in (None, 1, 1.0):
             parts.append(f"MLPx{self.get('router.mlp_mult'):g}")
         return " ".join([router, *parts])
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}, in the tree's order."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:

@@ -127,6 +127,7 @@ UNCHECKED = ("experts", "slots", "k", "capacity_factor", "hydra")  # shortcuts: 
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, in the tree's order (an empty dict stays a leaf)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
