@@ -55,9 +55,11 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def _shapes(state: dict, path: Path) -> tuple[int, int]:
-    """(in_chans, num_classes): patch_embed.weight is (dim, in_chans, p, p), head.weight is (classes, dim)."""
+    """(in_chans, num_classes): patch_embed.weight is (dim, in_chans, p, p), head.weight is (classes, dim)
+    (a timm model: patch_embed.proj.weight)."""
     try:
-        return state["patch_embed.weight"].shape[1], state["head.weight"].shape[0]
+        embed = state["patch_embed.weight"] if "patch_embed.weight" in state else state["patch_embed.proj.weight"]
+        return embed.shape[1], state["head.weight"].shape[0]
     except (KeyError, AttributeError, IndexError):
         raise CheckpointError(f"{path}: the model has no patch_embed/head weights; not a moebench ViT") from None
 
@@ -78,7 +80,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last.pt", device: str | tor
     config = ckpt["config"]
     in_chans, num_classes = _shapes(ckpt["model"], path)
     try:
-        model = build_model(OmegaConf.create(config), in_chans, num_classes)
+        model = build_model(OmegaConf.create(config), in_chans, num_classes, load_pretrained=False)
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # the config and weights disagree, or an older config lacks a key
         first = str(err).splitlines()[0] if str(err) else ""

@@ -110,9 +110,14 @@ SCHEMA: dict[str, Spec] = {
     "data.batch_size": Int(1), "data.eval_batch_size": Int(1), "data.augment.crop_padding": Int(0),
     "data.augment.hflip": BOOL,
     # model
-    "model.name": STR, "model.patch_size": Int(1), "model.dim": Int(1), "model.depth": Int(1), "model.heads": Int(1),
-    "model.mlp_dim": Int(1), "model.pool": Choice("gap", "cls"), "model.moe.placement": Choice("last", "every", "list"),
+    # (null: the timm model's own value under model=timm; train.validate refuses it for moebench's ViT)
+    "model.name": STR, "model.patch_size": Int(1, nullable=True), "model.dim": Int(1, nullable=True),
+    "model.depth": Int(1, nullable=True), "model.heads": Int(1, nullable=True),
+    "model.mlp_dim": Int(1, nullable=True), "model.pool": Choice("gap", "cls", nullable=True),
+    "model.moe.placement": Choice("last", "every", "list"),
     "model.moe.n": Int(0, nullable=True), "model.moe.layers": Spec("list", item="int", nullable=True),
+    "model.backbone": Choice("timm"), "model.img_size": Int(1), "model.drop_path": Float(0, high=1),
+    "model.pretrained_file": Spec("str", nullable=True),
     # router (the shortcut keys are checked where a router uses them)
     "router.num_experts": Int(1), "router.slots_per_expert": Int(1), "router.slot_factor": Positive(nullable=True),
     "router.k": Int(1), "router.capacity_factor": Positive(), "router.group_size": Int(1),

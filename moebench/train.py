@@ -42,6 +42,7 @@ from .progress import TrainProgress, announce_run, print_summary
 from .tracking import RunRecorder, atomic_torch_save, run_name, sweep_group
 from .vit import ViT, moe_block_indices
 from . import probe  # eval.probe: few-shot probes after training
+from . import timm_backbone  # model=timm: a timm ViT with moebench routers
 
 log = logging.getLogger("moebench")
 
@@ -82,13 +83,20 @@ def validate(cfg: DictConfig) -> None:
         if rounding not in ("ceil", "round") and not (isinstance(rounding, int) and rounding >= 1):
             raise ConfigError(f"router.capacity_rounding={rounding!r}; allowed: ceil, round or an int >= 1")
     m = cfg.model
-    if cfg.data.image_size % m.patch_size:
+    own_vit = not timm_backbone.is_timm(cfg)  # model=timm: timm_backbone.validate checks the model
+    null = [key for key in ("patch_size", "dim", "depth", "heads", "mlp_dim", "pool") if m.get(key) is None]
+    if own_vit and null:
+        raise ConfigError(f"model.{null[0]}=null: moebench's ViT needs a value (null means the model's own "
+                          "only with model=timm)")
+    if not own_vit:
+        timm_backbone.validate(cfg)
+    if own_vit and cfg.data.image_size % m.patch_size:
         raise ConfigError(
             f"data.image_size={cfg.data.image_size} is not divisible by model.patch_size={m.patch_size}"
         )
-    if m.dim % m.heads:
+    if own_vit and m.dim % m.heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.heads={m.heads}")
-    if m.pool not in ("gap", "cls"):
+    if own_vit and m.pool not in ("gap", "cls"):
         raise ConfigError(f"model.pool={m.pool!r}; allowed: gap, cls")
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision={cfg.precision!r}; allowed: fp32, bf16")
@@ -115,10 +123,16 @@ def moe_blocks(cfg: DictConfig) -> list[int]:
         return []
     moe = cfg.model.moe
     layers = list(moe.layers) if moe.layers is not None else None
-    return moe_block_indices(cfg.model.depth, moe.placement, moe.n, layers)
+    depth = timm_backbone.depth(cfg) if timm_backbone.is_timm(cfg) else cfg.model.depth
+    return moe_block_indices(depth, moe.placement, moe.n, layers)
 
 
-def build_model(cfg: DictConfig, in_chans: int, num_classes: int) -> ViT:
+def build_model(cfg: DictConfig, in_chans: int, num_classes: int,
+                load_pretrained: bool = True) -> torch.nn.Module:
+    """``load_pretrained=False``: the weights come from a checkpoint next, so model=timm's
+    ``model.pretrained`` downloads nothing."""
+    if timm_backbone.is_timm(cfg):
+        return timm_backbone.build(cfg, in_chans, num_classes, router_layer(cfg), load_pretrained=load_pretrained)
     m, r = cfg.model, cfg.router
     # Every router key is a constructor argument of its layer, but for the optimizer's.
     kwargs = {key: value for key, value in OmegaConf.to_container(r, resolve=True).items()
@@ -143,6 +157,22 @@ def build_model(cfg: DictConfig, in_chans: int, num_classes: int) -> ViT:
         dim=m.dim, depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, pool=m.pool,
         moe_blocks=blocks, make_moe=make_moe,
     )
+
+
+def router_layer(cfg: DictConfig):
+    """``make(dim, hidden_dim, num_tokens)``: the MLP replacement of one MoE block as ``cfg.router`` says
+    (model=timm: its sizes come from the timm model)."""
+    r = cfg.router
+    kwargs = {key: value for key, value in OmegaConf.to_container(r, resolve=True).items()
+              if key not in ("name", "lr_mult")}
+
+    def make(dim: int, hidden_dim: int, num_tokens: int) -> torch.nn.Module:
+        if r.name == "dense":
+            return DenseMLP(dim, round(hidden_dim * kwargs.get("mlp_mult", 1)))
+        extra = {"num_tokens": num_tokens} if r.name == "soft" else {}
+        return ROUTERS[r.name](dim, hidden_dim, **kwargs, **extra)
+
+    return make
 
 
 def select_device(name: str, ranks: distributed.Ranks) -> torch.device:
@@ -329,7 +359,8 @@ def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> Ru
         d.name, root=d.root, image_size=d.image_size, download=d.download,
         num_train=d.num_train, num_test=d.num_test, seed=cfg.seed, val_fraction=d.val_fraction,
     )
-    model = build_model(cfg, data.in_chans, data.num_classes).to(device)  # the same full model on every rank
+    # the same full model on every rank; a resumed run's weights are in its checkpoint
+    model = build_model(cfg, data.in_chans, data.num_classes, load_pretrained=ckpt is None).to(device)
     params = count_parameters(model)
     if cfg.expert_parallel and ranks.enabled:
         shard_experts(model)
@@ -638,7 +669,7 @@ def measure_cost(cfg, model, data, norm, params, throughput, device, ranks: dist
     if expert_parallel_parameters(model):  # measure the unsharded model: same weights, no collectives
         state = model.state_dict()  # a collective: every rank gathers
         if ranks.is_main:
-            model = build_model(cfg, data.in_chans, data.num_classes).to(device)
+            model = build_model(cfg, data.in_chans, data.num_classes, load_pretrained=False).to(device)
             model.load_state_dict(state)
     measured = None
     if ranks.is_main:

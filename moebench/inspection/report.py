@@ -52,9 +52,10 @@ def inspect_run(run_dir: Path, *, images: int = 4, checkpoint: str = "last.pt", 
     data = load_run_data(cfg, root=data_root)
     model, router = loaded.model, cfg["router"]["name"]
     layers = moe_layers(model)
-    patch = cfg["model"]["patch_size"]
+    patch = cfg["model"]["patch_size"] or model.patch_embed.patch_size[0]  # null: a timm model's own
     grid = data.test_images.shape[-1] // patch
     offset = 1 if cfg["model"].get("pool") == "cls" else 0  # the cls token has no place on the grid
+    offset = getattr(model, "num_prefix_tokens", offset)  # a timm model: its class and register tokens
     shown = min(images, len(data.test_labels))
     limit = len(data.test_labels) if max_images is None else max(shown, min(max_images, len(data.test_labels)))
 
