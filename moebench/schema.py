@@ -108,7 +108,9 @@ SCHEMA: dict[str, Spec] = {
     "data.name": STR, "data.root": Spec("str", nullable=True), "data.download": BOOL, "data.image_size": Int(1),
     "data.num_train": Int(1, nullable=True), "data.num_test": Int(1, nullable=True), "data.val_fraction": Float(0, high=1),
     "data.batch_size": Int(1), "data.eval_batch_size": Int(1), "data.augment.crop_padding": Int(0),
-    "data.augment.hflip": BOOL,
+    "data.augment.hflip": BOOL, "data.augment.randaugment": Int(0, high=30, nullable=True),
+    "data.augment.randaugment_ops": Int(1, nullable=True), "data.augment.mixup": Positive(nullable=True),
+    "data.augment.cutmix": Positive(nullable=True),
     # model
     # (null: the timm model's own value under model=timm; train.validate refuses it for moebench's ViT)
     "model.name": STR, "model.patch_size": Int(1, nullable=True), "model.dim": Int(1, nullable=True),

@@ -374,7 +374,7 @@ def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> Ru
     shard = {"rank": ranks.rank, "world_size": ranks.world_size}
     train_loader = Loader(
         data.train_images, data.train_labels, d.batch_size, shuffle=True, drop_last=True,
-        augment=OmegaConf.to_container(d.augment), seed=cfg.seed, **norm, **shard,
+        augment=OmegaConf.to_container(d.augment), seed=cfg.seed, num_classes=data.num_classes, **norm, **shard,
     )
     test_loader = Loader(data.test_images, data.test_labels, d.eval_batch_size, shuffle=False, drop_last=False,
                          **norm, **shard)
@@ -473,7 +473,7 @@ def fit(run: RunState, stopper: StopRequest) -> None:
                     run.last_finite_loss = task_loss.item()
                 if run.device.type == "cuda":
                     torch.cuda.synchronize()
-                run.throughput.stop(labels.numel() * run.ranks.world_size)
+                run.throughput.stop(len(labels) * run.ranks.world_size)  # images (mixed labels are 2-D)
                 run.step += 1
                 run.batch += 1
                 log_step(run, epoch, task_loss, aux_loss, progress)

@@ -69,6 +69,17 @@ def test_each_router_trains_and_records_cost_and_quality(tmp_path, router):
     assert (run_dir / "train.log").is_file()
 
 
+def test_strong_augmentation_trains_with_mixed_labels(tmp_path):
+    """RandAugment + MixUp/CutMix end to end: soft targets reach the loss, and the run completes."""
+    proc, run_dir = train(tmp_path, "router=soft", "data.augment.randaugment=9", "data.augment.mixup=0.8",
+                          "data.augment.cutmix=1.0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = result(run_dir)
+    assert res["status"] == "completed" and res["config"]["data"]["augment"]["mixup"] == 0.8
+    losses = [line["train/loss"] for line in metric_lines(run_dir) if "train/loss" in line]
+    assert losses and all(loss == loss and loss > 0 for loss in losses)
+
+
 def test_gflops_per_image_is_the_analytic_count(tmp_path):
     """Soft MoE ViT of 2 blocks (the second is MoE): 4 tokens of width 16, 4 experts x 1 slot."""
     proc, run_dir = train(tmp_path, "router=soft")
@@ -135,6 +146,8 @@ BAD_INPUTS = [
     (["trian.epochs=3"], "trian"),
     (["data=imagefolder", "data.root=/nonexistent/moebench"], "/nonexistent/moebench"),
     (["resume=/nonexistent/run"], "/nonexistent/run"),
+    (["data.augment.randaugment=31"], "data.augment.randaugment"),
+    (["data.augment.mixup=0"], "data.augment.mixup"),
 ]
 
 

@@ -120,6 +120,55 @@ def test_augmentation_is_deterministic_and_changes_images():
     assert not torch.equal(a, images.float() / 255)
 
 
+STRONG = {"crop_padding": 2, "hflip": True, "randaugment": 9, "mixup": 0.8, "cutmix": 1.0}
+
+
+def test_strong_augmentation_mixes_labels_and_follows_seed_and_epoch():
+    """RandAugment per image, then MixUp or CutMix per batch: class probabilities that sum to 1 and
+    put weight on at most two classes; the draws depend on (seed, epoch) only and leave torch's
+    global RNG (the model's noise stream) untouched; ranks get the parts of the single-process batch."""
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(16) % 4
+    make = lambda seed=3, rank=0, world=1: Loader(images, labels, 8, shuffle=True, drop_last=True, mean=(0, 0, 0),
+                                                  std=(1, 1, 1), augment=STRONG, seed=seed, num_classes=4,
+                                                  rank=rank, world_size=world)
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    (x, y), (x2, y2) = list(make())
+    assert torch.equal(torch.rand(1), before)  # the global stream was not consumed
+    assert y.shape == (8, 4) and y.dtype == torch.float32
+    torch.testing.assert_close(y.sum(1), torch.ones(8))
+    assert ((y > 0).sum(1) <= 2).all()  # each image mixes at most two
+    mixup_only = Loader(images, labels, 8, shuffle=True, drop_last=True, mean=(0, 0, 0), std=(1, 1, 1),
+                        augment={"mixup": 0.8}, seed=3, num_classes=4)
+    y_mix = next(iter(mixup_only))[1]
+    assert (y_mix.max(1).values < 1).any()  # a mixing weight strictly between 0 and 1
+    again = list(make())
+    assert torch.equal(again[0][0], x) and torch.equal(again[1][1], y2)
+    assert not torch.equal(list(make(seed=4))[0][0], x)
+    split = [next(iter(make(rank=r, world=2))) for r in range(2)]
+    torch.testing.assert_close(torch.cat([part[0] for part in split]), x)
+    torch.testing.assert_close(torch.cat([part[1] for part in split]), y)
+
+
+def test_randaugment_alone_keeps_hard_labels_and_changes_images():
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    plain = Loader(images, torch.arange(8), 8, shuffle=False, drop_last=False, mean=(0, 0, 0), std=(1, 1, 1))
+    strong = Loader(images, torch.arange(8), 8, shuffle=False, drop_last=False, mean=(0, 0, 0), std=(1, 1, 1),
+                    augment={"randaugment": 15, "randaugment_ops": 3})
+    (x, y), (xa, ya) = next(iter(plain)), next(iter(strong))
+    assert torch.equal(y, ya) and xa.shape == x.shape
+    changed = [not torch.equal(a, b) for a, b in zip(x, xa)]
+    assert sum(changed) >= 6  # 3 ops at magnitude 15 leave few images as they were (identity is one op of 14)
+
+
+def test_mixup_needs_the_number_of_classes():
+    with pytest.raises(ValueError, match="number of classes"):
+        Loader(torch.zeros(4, 1, 4, 4, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), 2, shuffle=True,
+               drop_last=True, mean=(0,), std=(1,), augment={"mixup": 0.2})
+
+
 def test_cifar10_reads_an_imagefolder_tree_in_place(tmp_path):
     """data=cifar10 takes torchvision's files or, when data.root holds train/<class>/ dirs, that tree."""
     root = make_tree(tmp_path / "cifar", classes=("airplane", "cat"), size=32)
