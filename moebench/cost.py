@@ -62,6 +62,17 @@ def flops_per_image(model: torch.nn.Module, example: torch.Tensor) -> float:
     return counter.get_total_flops() / example.shape[0]
 
 
+# Training compute: a training step costs about three forwards (the backward computes two
+# matmuls, the input's and the weight's gradient, for each of the forward's).
+TRAIN_FLOPS_PER_FORWARD = 3.0
+
+
+def train_gflops_total(gflops_per_image: float, images: int) -> float:
+    """GFLOPs of training on ``images`` images: 3 x the inference forward FLOPs per image x images
+    (evaluation passes and routing differences between training and inference left out)."""
+    return TRAIN_FLOPS_PER_FORWARD * gflops_per_image * images
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

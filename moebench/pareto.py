@@ -55,6 +55,8 @@ COST_AXES = {
     "train_ms_per_image": Axis("training ms / image", "ms", lambda c: 1e3 / c["train_images_per_s"]),
     "train_peak_mb": Axis("training peak memory", "mb", lambda c: c["train_peak_mb"]),
     "infer_peak_mb": Axis("inference peak memory", "mb", lambda c: c["infer_peak_mb"]),
+    # 3 x forward FLOPs x training images; with --include-init-cost plus the init_from run's (upcycling)
+    "train_gflops_total": Axis("training FLOPs (total)", "flops", lambda c: c["train_gflops_total"]),
 }
 REQUIRED_AXES = ("gflops_per_image", "params_total", "infer_ms_per_image", "train_ms_per_image")
 # Timings that `moebench measure` re-takes quietly; they replace the ones taken during training.
@@ -188,6 +190,7 @@ class Run:
     error: str | None = None
     timing: str = "training"  # where timings come from: training, measured (moebench measure --train),
     # or measured inference (moebench measure without --train: the training step time is from training)
+    init_from: dict | None = None  # the run it started from and that run's training cost (upcycling)
 
     def get(self, dotted: str):
         node = self.config
@@ -214,6 +217,8 @@ class Run:
             parts.append("indep-init")
         if router == "dense" and self.get("router.mlp_mult") not in (None, 1, 1.0):
             parts.append(f"MLPx{self.get('router.mlp_mult'):g}")
+        if self.get("init_from"):  # started from a dense run's checkpoint
+            parts.append("continued" if router == "dense" else "upcycled")
         return " ".join([router, *parts])
 
 
@@ -259,15 +264,18 @@ def read_run(run_dir: Path) -> Run:
         for key, entry in (shots if isinstance(shots, dict) else {}).items():
             if isinstance(entry, dict) and "top1_mean" in entry:
                 quality[f"probe.{name}.{key}"] = entry["top1_mean"]
-    return Run(run_dir, data.get("status", "unknown"), data.get("config") or {}, cost,
-               quality, data.get("error"), timing)
+    config, init_from = data.get("config") or {}, data.get("init_from")
+    init_from = init_from if isinstance(init_from, dict) else None
+    if config.get("init_from"):  # runs upcycled from different seeds of one dense arm are seeds of one arm
+        config = {**config, "init_from": f"{(init_from or {}).get('router')} step {(init_from or {}).get('step')}"}
+    return Run(run_dir, data.get("status", "unknown"), config, cost, quality, data.get("error"), timing, init_from)
 
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def why_unusable(run: Run, quality: str = QUALITY) -> str | None:
+def why_unusable(run: Run, quality: str = QUALITY, required: tuple[str, ...] = REQUIRED_AXES) -> str | None:
     """None for a run that can go on a frontier, else the reason it cannot."""
     if run.status != "completed":
         return run.status
@@ -275,7 +283,7 @@ def why_unusable(run: Run, quality: str = QUALITY) -> str | None:
         return f"no quality.{quality}"
     if not _finite(run.quality.get(quality)) or ("loss" in run.quality and not _finite(run.quality["loss"])):
         return "diverged"  # a NaN loss is no quality, however cheap the run
-    missing = [axis for axis in REQUIRED_AXES if not _axis_value(run, axis)]
+    missing = [axis for axis in required if not _axis_value(run, axis)]
     return f"no cost record ({', '.join(missing)})" if missing else None
 
 
@@ -287,8 +295,26 @@ def _axis_value(run: Run, axis: str) -> float | None:
     return value if _finite(value) else None
 
 
-def usable(run: Run, quality: str = QUALITY) -> bool:
-    return why_unusable(run, quality) is None
+def usable(run: Run, quality: str = QUALITY, required: tuple[str, ...] = REQUIRED_AXES) -> bool:
+    return why_unusable(run, quality, required) is None
+
+
+def add_init_cost(runs: list[Run]) -> int:
+    """--include-init-cost: add to each upcycled run's training FLOPs those of the run it started from
+    (and of that run's own init_from chain); returns how many runs it changed. A run whose init
+    cost is unknown loses the axis (it is then listed, not put on a frontier)."""
+    changed = 0
+    for run in runs:
+        if run.init_from is None or "train_gflops_total" not in run.cost:
+            continue
+        init = run.init_from.get("total_train_gflops")
+        if _finite(init):
+            run.cost["train_gflops_total"] += init
+            changed += 1
+        else:
+            del run.cost["train_gflops_total"]
+            run.error = f"the training FLOPs of its init_from run {run.init_from.get('run_dir')} are unknown"
+    return changed
 
 
 # ----------------------------------------------------------------------------- setups and arms
@@ -626,16 +652,19 @@ def log_wandb(rows: list[dict], arms: list[dict], png: Path, wandb_cfg: dict, ru
 # ----------------------------------------------------------------------------- putting it together
 
 def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None = None, show: bool = True,
-              allow_mixed: bool = False, quality: str = QUALITY) -> dict:
+              allow_mixed: bool = False, quality: str = QUALITY, include_init_cost: bool = False) -> dict:
     """Find the runs, group them into setups and arms, compute the frontiers, write
-    pareto.csv (runs), pareto_arms.csv, pareto.json and pareto.png to ``out_dir``."""
+    pareto.csv (runs), pareto_arms.csv, pareto.json and pareto.png to ``out_dir``.
+    ``include_init_cost``: training FLOPs (a required axis then) count the init_from runs' training."""
     runs = find_runs(paths)
+    required = REQUIRED_AXES + (("train_gflops_total",) if include_init_cost else ())
+    with_init = add_init_cost(runs) if include_init_cost else 0
     out_dir = Path(out_dir)
     root = Path(os.path.commonpath([Path(p).resolve() for p in paths]))  # run names relative to it
     names = {run.path: str(run.path.relative_to(root)) if run.path.is_relative_to(root) and run.path != root
              else str(run.path) for run in runs}
-    skipped = [(run, why_unusable(run, quality)) for run in runs if not usable(run, quality)]
-    done = [run for run in runs if usable(run, quality)]
+    skipped = [(run, why_unusable(run, quality, required)) for run in runs if not usable(run, quality, required)]
+    done = [run for run in runs if usable(run, quality, required)]
     setups = split_setups(done, names, allow_mixed)  # refuses mixed setups before anything is written
     axes = [axis for axis in COST_AXES if axis in REQUIRED_AXES or all(_axis_value(r, axis) for r in done)]
     rows = run_rows(names, setups, axes, quality)
@@ -649,6 +678,7 @@ def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None 
         "quality": quality,
         "cost_axes": axes,
         "timing": {"measured": measured, "training": len(done) - measured, "train_step_measured": train_measured},
+        "init_cost_included": include_init_cost,
         "setups": [{"name": name, "runs": len(members)} for name, members in setups.items()],
         "arms": arms,
         "comparisons": comparisons,
@@ -669,6 +699,13 @@ def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None 
                   + ("" if measured == len(done) else "; the others from training (not comparable: re-measure them)")
                   + ("" if train_measured == measured else
                      f"; training step time measured for {train_measured} of them (the rest: measure --train)"))
+        upcycled = sum(run.init_from is not None for run in done)
+        if include_init_cost:
+            print(f"training FLOPs (total) include the init_from run's training for {with_init} of {len(done)} runs "
+                  "(--include-init-cost)")
+        elif upcycled:
+            print(f"{upcycled} of {len(done)} runs started from another run's checkpoint (init_from); their training "
+                  "FLOPs leave that run's out: --include-init-cost counts it")
         print_tables(arms, axes, quality, skipped)
         print_gaps(comparisons, quality)
     if rows:
@@ -738,6 +775,9 @@ def main(argv: list[str]) -> int:
                         help="quality axis: final model's test top-1 (top1), test top-1 at the best validation "
                              "epoch (top1_at_best_val), or a few-shot probe's mean (probe.<data>.<k>shot, "
                              "from moebench probe)")
+    parser.add_argument("--include-init-cost", action="store_true",
+                        help="add the training FLOPs of the run an upcycled run started from (init_from) to its "
+                             "training FLOPs axis")
     parser.add_argument("--wandb-mode", default=None, choices=["offline", "online", "disabled"],
                         help="default: as the runs were logged (disabled when none of them used W&B)")
     parser.add_argument("--wandb-project", default=None, help="default: the runs' project")
@@ -749,7 +789,8 @@ def main(argv: list[str]) -> int:
     wandb_cfg = report.pareto_wandb_cfg(args.paths, out, mode=args.wandb_mode, project=args.wandb_project,
                                         group=args.wandb_group)
     try:
-        summary = aggregate(args.paths, out, wandb_cfg=wandb_cfg, allow_mixed=args.allow_mixed, quality=args.quality)
+        summary = aggregate(args.paths, out, wandb_cfg=wandb_cfg, allow_mixed=args.allow_mixed, quality=args.quality,
+                            include_init_cost=args.include_init_cost)
     except ParetoError as err:
         print(f"moebench: error: {err}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
-from . import checkpoint, schema
+from . import checkpoint, schema, upcycle
 from .errors import ConfigError
 
 PASSTHROUGH_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "experimental_rerun")
@@ -75,7 +75,7 @@ def prepare(args: list[str], config_dir: str, validate=None) -> Command:
         return command
     keys = {o.get_key_element().lstrip("+~") for o in parsed}
 
-    first, defaults = None, {}
+    first, defaults, init_jobs = None, {}, []
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         for job in jobs:
             cfg = compose_job(job)
@@ -90,6 +90,8 @@ def prepare(args: list[str], config_dir: str, validate=None) -> Command:
                         and not any(k == key.lstrip("+") or k.startswith(key.lstrip("+") + ".") for k in known):
                     raise schema.unknown_key_error(key.lstrip("+"), known)
             schema.check(resolve(cfg), resolve(defaults[groups], quiet=True))
+            if cfg.get("init_from"):
+                init_jobs.append(resolve(cfg))
             if validate is not None and not command.multirun:
                 validate(cfg)
 
@@ -98,6 +100,8 @@ def prepare(args: list[str], config_dir: str, validate=None) -> Command:
         if "hydra.sweep.dir" not in keys:  # every launcher's workers would compute their own otherwise
             command.args.append(f"hydra.sweep.dir={quote(str(hydra_cfg.sweep.dir))}")
         command.sweep_dir = Path(str(hydra_cfg.sweep.dir))
+        if not command.sweep_dir.is_dir():  # a sweep dir that exists is resumed: its jobs may not re-read it
+            check_init_from(init_jobs)
         return command
 
     run_dir = Path(str(hydra_cfg.run.dir))
@@ -111,6 +115,8 @@ def prepare(args: list[str], config_dir: str, validate=None) -> Command:
         command.args.append(f"hydra.run.dir={quote(str(run_dir))}")
     else:
         check_previous_run(run_dir, resolve(first))
+        if not (run_dir / "last.pt").is_file() and not (run_dir / "result.json").is_file():  # else resumed/done
+            check_init_from(init_jobs)
         if "hydra.run.dir" not in keys:
             command.args.append(f"hydra.run.dir={quote(str(run_dir))}")
     command.run_dir = run_dir
@@ -139,6 +145,14 @@ def check_previous_run(run_dir: Path, config: dict) -> None:
     elif (run_dir / "last.pt").is_file():
         ckpt = checkpoint.load_checkpoint(run_dir / "last.pt")
         checkpoint.check_resume_config(ckpt["config"], config, run_dir / "last.pt")
+
+
+def check_init_from(configs: list[dict]) -> None:
+    """init_from names a readable checkpoint of a dense run with this backbone (each file read once)."""
+    cache: dict = {}
+    for config in configs:
+        if config.get("init_from") and not config.get("resume"):  # resume wins: never re-initialised
+            upcycle.load_source(str(config["init_from"]), config, cache)
 
 
 def job_overrides(parsed, multirun: bool) -> list[list[str]]:

@@ -90,7 +90,7 @@ SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 SCHEMA: dict[str, Spec] = {
     "seed": Int(0), "deterministic": BOOL, "device": STR, "precision": Choice("fp32", "bf16"), "compile": BOOL,
     "resume": Spec("str", nullable=True), "threads": Int(1, choices=("auto",), nullable=True),
-    "expert_parallel": BOOL,
+    "expert_parallel": BOOL, "init_from": Spec("str", nullable=True),
     # train
     "train.epochs": Int(1), "train.lr": Positive(), "train.weight_decay": Float(0), "train.betas": Spec("list", item="float"),
     "train.warmup_epochs": Float(0), "train.schedule": Choice("cosine", "rsqrt", "constant"),

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, cost, distributed, faults, preflight, schema, status
+from . import upcycle  # init_from: sparse upcycling from a dense run
 from .checkpoint import check_resume_config, checkpoint_path, flatten, load_checkpoint  # noqa: F401 (API)
 from .data import DataError, Loader, load_data
 from .errors import CheckpointError, ConfigError, RecordError, UserError
@@ -302,6 +303,7 @@ class RunState:
     outcome: str = status.COMPLETED  # how fit() ended
     signum: int | None = None  # the signal that preempted it
     diverged: dict | None = None  # where and how it diverged
+    init_from: dict | None = None  # the run it started from (init_from), and that run's training cost
     started: float = field(default_factory=time.monotonic)
     last_checkpoint: float = field(default_factory=time.monotonic)
 
@@ -361,6 +363,12 @@ def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> Ru
     )
     # the same full model on every rank; a resumed run's weights are in its checkpoint
     model = build_model(cfg, data.in_chans, data.num_classes, load_pretrained=ckpt is None).to(device)
+    init_from = None
+    if cfg.get("init_from") and ckpt is None:  # a resumed run continues its own weights, never re-initialised
+        init_from = upcycle.init_model(model, cfg.init_from, OmegaConf.to_container(cfg, resolve=True))
+        log.info("init_from %s: %d weights copied, MoE layers %s upcycled (experts = the dense MLP), "
+                 "fresh: %s", init_from["path"], init_from["copied"], init_from["upcycled"] or "none",
+                 ", ".join(init_from["fresh"]) or "none")
     params = count_parameters(model)
     if cfg.expert_parallel and ranks.enabled:
         shard_experts(model)
@@ -389,7 +397,7 @@ def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> Ru
         sharded=sharded, replicated=replicated, params=params, norm=norm, train_loader=train_loader,
         test_loader=test_loader, val_loader=val_loader, config=OmegaConf.to_container(cfg, resolve=True),
         throughput=cost.Throughput(skip=cfg.cost.skip_train_steps),
-        amp_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+        amp_dtype=torch.bfloat16 if cfg.precision == "bf16" else None, init_from=init_from,
     )
     state["run"] = run
     if ckpt is not None:
@@ -433,6 +441,7 @@ def restore(run: RunState, ckpt: dict) -> None:
     run.last_eval = ckpt.get("last_eval", {})
     run.skipped_steps = ckpt.get("skipped_steps", 0)
     run.last_finite_loss = ckpt.get("last_finite_loss")
+    run.init_from = ckpt.get("init_from")
     run.throughput.load_state_dict(ckpt.get("throughput", {}))
     rank_states = ckpt["rng"].get("torch_ranks", [])
     same_world = len(rank_states) == run.ranks.world_size
@@ -588,6 +597,7 @@ def save_run_checkpoint(run: RunState, is_best: bool = False) -> None:
         "epoch": run.epoch, "batch": run.batch, "step": run.step, "best": run.best, "last_eval": run.last_eval,
         "skipped_steps": run.skipped_steps, "last_finite_loss": run.last_finite_loss, "config": run.config,
         "wandb_id": run.recorder.wandb_run_id if run.recorder else None, "throughput": run.throughput.state_dict(),
+        "init_from": run.init_from,
     })
     run.last_checkpoint = time.monotonic()
 
@@ -626,6 +636,8 @@ def record_so_far(run: RunState) -> dict:
         record["signal"] = status.signal_name(run.signum)
     if run.diverged:
         record["diverged"] = run.diverged
+    if run.init_from:
+        record["init_from"] = run.init_from
     return record
 
 
@@ -634,6 +646,10 @@ def measure(run: RunState) -> dict:
     if not run.last_eval:  # resumed a run that had already finished: measure it as it is
         run.last_eval = evaluate(run.model, run.test_loader, run.device, run.autocast, run.ranks)
     measured = measure_cost(run.cfg, run.model, run.data, run.norm, run.params, run.throughput, run.device, run.ranks)
+    if measured is not None:  # training compute: what --include-init-cost adds an init run's to
+        images = run.step * run.cfg.data.batch_size
+        measured.update(train_images=images,
+                        train_gflops_total=cost.train_gflops_total(measured["gflops_per_image"], images))
     return {**record_so_far(run), "cost": measured}
 
 
