@@ -26,6 +26,7 @@ import difflib
 import functools
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlparse
@@ -174,16 +175,24 @@ def offline_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a connection to the Hugging Face Hub opens (without it, the hub client retries
-    each file for ~25 s, printing every retry, before giving up)."""
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether a connection to the Hugging Face Hub opens within ``timeout`` seconds, name lookup
+    included (without one, the hub client retries each file for ~25 s, printing every retry)."""
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            opened.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)  # a name lookup has no timeout of its own
+    probe.start()
+    probe.join(timeout)
+    return bool(opened and opened[0])
 
 
 @contextlib.contextmanager
