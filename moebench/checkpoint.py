@@ -27,7 +27,7 @@ RESUME_MAY_DIFFER = (
     "train.epochs", "train.time_limit_min", "train.checkpoint_every_min", "train.checkpoint_every_steps",
     "train.log_every", "train.save_checkpoints", "train.save_best", "train.preempt_signals",
     "wandb.", "device", "threads", "resume", "expert_parallel", "data.root", "data.download",
-    "data.eval_batch_size",
+    "data.eval_batch_size", "search.",
 )
 # The command-line shortcuts count through the router keys they feed (a dense run ignores them).
 SHORTCUTS = ("experts", "slots", "k", "capacity_factor")

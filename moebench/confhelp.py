@@ -13,7 +13,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 # Groups a user picks from that the root config's defaults list does not name.
-EXTRA_GROUPS = {"hydra/launcher": "how -m runs its jobs (default: one after another in this process)"}
+EXTRA_GROUPS = {"hydra/launcher": "how -m runs its jobs (default: one after another in this process)",
+                "hydra/sweeper": "which jobs -m runs (default: every combination of the swept values)"}
 HIDDEN_KEYS = ("defaults", "hydra.help", "hydra.callbacks")  # machinery, not settings
 COMMENT_COLUMN = 36
 

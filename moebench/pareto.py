@@ -36,7 +36,7 @@ from .schema import flatten
 from .tracking import atomic_write_json, sweep_group
 
 QUALITY = "top1"  # the final model's test top-1
-QUALITIES = ("top1", "top1_at_best_val")
+QUALITIES = ("top1", "top1_at_best_val", "val_top1_best")  # val_top1_best: what a search (search.objectives) sees
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ NEUTRAL_KEYS = (
     "data.root", "data.download", "data.eval_batch_size", "data.cache_dir",
     "train.log_every", "train.time_limit_min", "train.save_checkpoints", "train.save_best",
     "train.checkpoint_every_min", "train.checkpoint_every_steps", "train.preempt_signals",
-    "train.skip_nonfinite_steps", "eval",
+    "train.skip_nonfinite_steps", "eval", "search",
 )
 # What makes a setup (one frontier): data, model, schedule and numerics. The MoE placement
 # (model.moe) belongs to the router design, so it varies between arms of one setup.
@@ -191,6 +191,7 @@ class Run:
     timing: str = "training"  # where timings come from: training, measured (moebench measure --train),
     # or measured inference (moebench measure without --train: the training step time is from training)
     init_from: dict | None = None  # the run it started from and that run's training cost (upcycling)
+    searched: tuple = ()  # keys a search (hydra/sweeper=optuna) set for this run: not part of its setup
 
     def get(self, dotted: str):
         node = self.config
@@ -268,7 +269,9 @@ def read_run(run_dir: Path) -> Run:
     init_from = init_from if isinstance(init_from, dict) else None
     if config.get("init_from"):  # runs upcycled from different seeds of one dense arm are seeds of one arm
         config = {**config, "init_from": f"{(init_from or {}).get('router')} step {(init_from or {}).get('step')}"}
-    return Run(run_dir, data.get("status", "unknown"), config, cost, quality, data.get("error"), timing, init_from)
+    searched = tuple((data.get("search") or {}).get("searched") or ())
+    return Run(run_dir, data.get("status", "unknown"), config, cost, quality, data.get("error"), timing, init_from,
+               searched=searched)
 
 
 def _finite(value) -> bool:
@@ -321,7 +324,7 @@ def add_init_cost(runs: list[Run]) -> int:
 
 def setup_of(run: Run) -> dict:
     return {key: value for key, value in flatten(run.config).items()
-            if _under(key, SETUP_KEYS) and not _under(key, NEUTRAL_KEYS + ARM_ONLY_KEYS)}
+            if _under(key, SETUP_KEYS) and not _under(key, NEUTRAL_KEYS + ARM_ONLY_KEYS + run.searched)}
 
 
 def arm_of(run: Run) -> tuple:
@@ -519,6 +522,8 @@ def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path
     fig, grid = plt.subplots(per_setup * len(setups), ncols, squeeze=False,
                              figsize=(4.8 * ncols, 3.7 * per_setup * len(setups) + 0.22 * legend_rows + 0.5))
     quality_name = "test top-1 (%)" if quality == "top1" else "test top-1 at the best val epoch (%)"
+    if quality == "val_top1_best":
+        quality_name = "best validation top-1 (%)"
     if quality.startswith("probe."):
         quality_name = f"{quality.split('.')[-1]} linear probe on {quality.split('.')[1]}, top-1 (%)"
     for s, setup in enumerate(setups):
@@ -773,8 +778,9 @@ def main(argv: list[str]) -> int:
                         help="runs of different setups (data, model, schedule): one frontier per setup")
     parser.add_argument("--quality", default=QUALITY, type=quality_key,
                         help="quality axis: final model's test top-1 (top1), test top-1 at the best validation "
-                             "epoch (top1_at_best_val), or a few-shot probe's mean (probe.<data>.<k>shot, "
-                             "from moebench probe)")
+                             "epoch (top1_at_best_val), the best validation top-1 (val_top1_best: what a "
+                             "hydra/sweeper=optuna search maximizes), or a few-shot probe's mean "
+                             "(probe.<data>.<k>shot, from moebench probe)")
     parser.add_argument("--include-init-cost", action="store_true",
                         help="add the training FLOPs of the run an upcycled run started from (init_from) to its "
                              "training FLOPs axis")

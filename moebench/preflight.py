@@ -25,7 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
-from . import checkpoint, schema, upcycle
+from . import checkpoint, schema, search, upcycle
 from .errors import ConfigError
 
 PASSTHROUGH_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "experimental_rerun")
@@ -90,6 +90,7 @@ def prepare(args: list[str], config_dir: str, validate=None) -> Command:
                         and not any(k == key.lstrip("+") or k.startswith(key.lstrip("+") + ".") for k in known):
                     raise schema.unknown_key_error(key.lstrip("+"), known)
             schema.check(resolve(cfg), resolve(defaults[groups], quiet=True))
+            search.check(cfg)  # objective names; under hydra/sweeper=optuna, one fitting direction each
             if cfg.get("init_from"):
                 init_jobs.append(resolve(cfg))
             if validate is not None and not command.multirun:

@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, cost, distributed, faults, preflight, schema, status
+from . import checkpoint, cost, distributed, faults, preflight, schema, search, status
 from . import upcycle  # init_from: sparse upcycling from a dense run
 from .checkpoint import check_resume_config, checkpoint_path, flatten, load_checkpoint  # noqa: F401 (API)
 from .data import DataError, Loader, load_data
@@ -776,6 +776,7 @@ def run_job(cfg: DictConfig) -> dict:
                 return previous
             result = train_and_measure(cfg, run_dir, wandb_settings(cfg), state, stopper)
             probe.after_training(cfg, result, state["run_dir"])  # eval.probe: few-shot probes into the result
+            search.record(result, cfg, hc)  # under hydra/sweeper=optuna: what the study searched and saw
             outcome = result["status"]
             return result
     except (UserError, DataError, OSError) as err:  # OSError: a full disk, a dir made read-only...
@@ -888,8 +889,12 @@ def conf_dir() -> str:
 
 
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    run_job(cfg)
+def _hydra_main(cfg: DictConfig) -> list[float] | None:
+    result = run_job(cfg)
+    hc = HydraConfig.get()
+    if search.in_study(hc):  # the values the study records; a run that did not complete: a failed trial
+        return search.objective_values(result, list(cfg.search.objectives), hc.runtime.output_dir)
+    return None
 
 
 def main(args: list[str]) -> int:
@@ -902,6 +907,7 @@ def main(args: list[str]) -> int:
     code = status.EXIT_OK
     try:
         try:
+            search.prepare_preset(args)  # hydra/sweeper=optuna: moebench's preset (conf/hydra/sweeper/optuna.yaml)
             COMMAND = preflight.prepare(args, conf_dir(), validate)
             if COMMAND.run_dir is not None and ranks.is_main:
                 checkpoint.lock_run_dir(COMMAND.run_dir)
