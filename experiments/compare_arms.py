@@ -1,0 +1,100 @@
+"""Arms and their differences pooled from several committed pareto.json files.
+
+    python experiments/compare_arms.py results/a/pareto.json results/b/pareto.json \
+        --reference dense --reference "soft E64 p1" [--quality top1] [--markdown OUT]
+
+A sweep's run dirs are not committed, its pareto.json is: it keeps every run's
+arm label, seed, quality and cost. This pools the runs of several files (a run
+that two files both hold must agree, which checks that a re-run reproduced it),
+then prints per arm the mean with its 95% t-interval and the seeds, and against
+each reference arm the difference of means with its Welch 95% interval and,
+over the seeds both arms share, the paired mean difference with its interval.
+Only pool files of one setup: `moebench pareto` refuses mixed setups for the
+same reason (the setups are listed in each file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from moebench.pareto import ci95_half_width, welch_ci95
+
+
+def pooled_runs(paths: list[Path], quality: str) -> dict[str, dict[int, dict]]:
+    """{arm label: {seed: run record}}; a duplicate run must carry the same quality."""
+    arms: dict[str, dict[int, dict]] = {}
+    for path in paths:
+        for run in json.loads(path.read_text())["runs"]:
+            seen = arms.setdefault(run["label"], {}).get(run["seed"])
+            if seen is not None and seen[quality] != run[quality]:
+                sys.exit(f"compare_arms: {run['label']} seed {run['seed']} is {seen[quality]} in one file "
+                         f"and {run[quality]} in {path}: not the same run")
+            arms[run["label"]].setdefault(run["seed"], run)
+    return arms
+
+
+def paired_ci95(a: dict[int, float], b: dict[int, float]) -> tuple[float, float | None, int]:
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    if not diffs:
+        return math.nan, None, 0
+    return statistics.fmean(diffs), ci95_half_width(diffs), len(diffs)
+
+
+def pct(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str) -> str:
+    for ref in references:
+        if ref not in arms:
+            sys.exit(f"compare_arms: no arm is labelled {ref!r}; arms: {', '.join(sorted(arms))}")
+    values = {label: {seed: run[quality] for seed, run in runs.items()} for label, runs in arms.items()}
+    order = sorted(values, key=lambda label: -statistics.fmean(values[label].values()))
+    head = ["arm", "seeds", f"{quality} % (mean +- 95%)", "per seed", "GFLOPs/img"]
+    for ref in references:
+        head += [f"vs {ref} (Welch)", f"vs {ref} (paired)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in order:
+        vals = values[label]
+        half = ci95_half_width(list(vals.values()))
+        cells = [label, str(len(vals)), f"{pct(statistics.fmean(vals.values()))} +- {pct(half)}",
+                 ", ".join(pct(vals[s]) for s in sorted(vals)),
+                 f"{statistics.fmean(r['gflops_per_image'] for r in arms[label].values()):.4f}"]
+        for ref in references:
+            if label == ref:
+                cells += ["", ""]
+                continue
+            diff = statistics.fmean(vals.values()) - statistics.fmean(values[ref].values())
+            welch = welch_ci95(list(vals.values()), list(values[ref].values()))
+            pdiff, phalf, n = paired_ci95(vals, values[ref])
+            mark = lambda d, h: "**" if h is not None and abs(d) > h else ""  # noqa: E731 (outside the interval)
+            cells += [f"{mark(diff, welch)}{pct(diff, True)} +- {pct(welch)}{mark(diff, welch)}",
+                      f"{mark(pdiff, phalf)}{pct(pdiff, True)} +- {pct(phalf)}{mark(pdiff, phalf)} ({n})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", type=Path, help="pareto.json files of one setup")
+    parser.add_argument("--reference", action="append", default=[], help="arm label to compare every arm with")
+    parser.add_argument("--quality", default="top1", help="quality key of the run records (default top1)")
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    args = parser.parse_args(argv)
+    text = table(pooled_runs(args.files, args.quality), args.reference, args.quality)
+    print(text, end="")
+    if args.markdown:
+        args.markdown.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
