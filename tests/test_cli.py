@@ -171,7 +171,7 @@ REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
     (["expert=8"], "unknown config key 'expert' (did you mean experts?)"),
     (["+expert=8"], "unknown config key 'expert' (did you mean experts?)"),
     (["router=tokens_choice", "+router.topk=2"], "unknown config key 'router.topk' (did you mean router.k?)"),
-    (["model=nope"], "model=nope is unknown; allowed: b, s, ti, tiny"),
+    (["model=nope"], "model=nope is unknown; allowed: b, s, ti, timm, tiny"),
     (["experts=[1"], "cannot parse the overrides: no viable alternative at input '[1'"),
     (["router=soft,dense"], "router=soft,dense: a sweep (several values) needs -m/--multirun"),
     (["-m", "router=soft,dense", "experts=4,abc"], "experts (router.num_experts) must be an int >= 1, got 'abc'"),
