@@ -233,7 +233,6 @@ def test_a_run_upcycled_from_a_short_dense_run_records_and_counts_its_init_cost(
     assert total["dense"]["train_gflops_total"] == own["dense"]["train_gflops_total"]
 
 
-@pytest.mark.slow
 def test_a_resumed_upcycled_run_never_reads_its_source_again(short_runs, tmp_path):
     dense_dir, up_dir = short_runs
     run_dir = tmp_path / "upcycled"
