@@ -328,9 +328,11 @@ def setup_of(run: Run) -> dict:
 
 
 def arm_of(run: Run) -> tuple:
-    """What makes two runs seeds of one arm: every config key that is not neutral."""
+    """What makes two runs seeds of one arm: every config key that is not neutral. A null key
+    counts as absent (as in ``differing_keys``): a key added later with a null default (off)
+    leaves the runs made before it in the same arm."""
     return tuple(sorted((key, json.dumps(value, sort_keys=True)) for key, value in flatten(run.config).items()
-                        if not _under(key, NEUTRAL_KEYS)))
+                        if not _under(key, NEUTRAL_KEYS) and value is not None))
 
 
 def differing_keys(configs: list[dict]) -> list[str]:

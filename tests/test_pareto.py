@@ -155,6 +155,17 @@ def test_seeds_of_one_config_form_an_arm_with_a_t_interval(tmp_path):
     assert on_disk["arms"] == json.loads(json.dumps(summary["arms"]))
 
 
+def test_a_key_added_later_with_a_null_default_keeps_older_runs_in_their_arm(tmp_path):
+    """Runs made before a config key existed pool with later runs where that key is null (off),
+    but not with runs where it is set."""
+    for seed in range(2):
+        fake_run(tmp_path, f"old{seed}", "soft", 0.8, 1.0, seed=seed)
+        fake_run(tmp_path, f"new{seed}", "soft", 0.8, 1.0, seed=seed + 2, router_extra={"new_knob": None})
+    fake_run(tmp_path, "on", "soft", 0.9, 1.0, router_extra={"new_knob": 4})
+    arms = {arm["label"]: arm["seeds"] for arm in aggregate([tmp_path], tmp_path, show=False)["arms"]}
+    assert sorted(arms.values()) == [1, 4] and len(arms) == 2
+
+
 def test_arms_that_share_a_router_label_are_told_apart_by_the_key_that_differs(tmp_path):
     fake_run(tmp_path, "a", "experts_choice", 0.8, 1.0, router_extra={"group_size": 1})
     fake_run(tmp_path, "b", "experts_choice", 0.7, 1.0, router_extra={"group_size": 8})
