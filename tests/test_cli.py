@@ -252,6 +252,8 @@ def test_non_editable_install_works_from_any_directory(tmp_path):
     assert pip.returncode == 0, pip.stderr[-2000:]
     shipped = {p.relative_to(site / "moebench" / "conf") for p in (site / "moebench" / "conf").rglob("*.yaml")}
     assert shipped == {p.relative_to(REPO / "conf") for p in (REPO / "conf").rglob("*.yaml")}  # every group
+    modules = {p.relative_to(site / "moebench") for p in (site / "moebench").rglob("*.py") if "conf" not in p.parts}
+    assert modules == {p.relative_to(REPO / "moebench") for p in (REPO / "moebench").rglob("*.py")}  # every subpackage
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**ENV, "PYTHONPATH": str(site)}
