@@ -1,6 +1,6 @@
 """Arms and their differences pooled from several committed pareto.json files.
 
-    python experiments/compare_arms.py results/a/pareto.json results/b/pareto.json \
+    python experiments/compare_arms.py results/a/pareto.json "results/b/pareto.json@(4 epochs)" \
         --reference dense --reference "soft E64 p1" [--quality top1] [--markdown OUT]
 
 A sweep's run dirs are not committed, its pareto.json is: it keeps every run's
@@ -25,11 +25,18 @@ from pathlib import Path
 from moebench.pareto import ci95_half_width, welch_ci95
 
 
-def pooled_runs(paths: list[Path], quality: str) -> dict[str, dict[int, dict]]:
-    """{arm label: {seed: run record}}; a duplicate run must carry the same quality."""
+def pooled_runs(paths: list[str], quality: str) -> dict[str, dict[int, dict]]:
+    """{arm label: {seed: run record}}; a duplicate run must carry the same quality.
+    ``FILE@TAG`` appends TAG to the labels of FILE's arms (labels are unique only within a file)."""
     arms: dict[str, dict[int, dict]] = {}
-    for path in paths:
+    for spec in paths:
+        path, _, tag = spec.partition("@")
+        path = Path(path)
         for run in json.loads(path.read_text())["runs"]:
+            if run.get("setup"):  # a file drawn with --allow-mixed: the label is only unique within its setup
+                run = {**run, "label": f"{run['label']} [{run['setup']}]"}
+            if tag:
+                run = {**run, "label": f"{run['label']} {tag}"}
             seen = arms.setdefault(run["label"], {}).get(run["seed"])
             if seen is not None and seen[quality] != run[quality]:
                 sys.exit(f"compare_arms: {run['label']} seed {run['seed']} is {seen[quality]} in one file "
@@ -84,7 +91,7 @@ def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", type=Path, help="pareto.json files of one setup")
+    parser.add_argument("files", nargs="+", help="pareto.json files of one setup (FILE@TAG: TAG appended to its labels)")
     parser.add_argument("--reference", action="append", default=[], help="arm label to compare every arm with")
     parser.add_argument("--quality", default="top1", help="quality key of the run records (default top1)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
