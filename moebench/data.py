@@ -329,10 +329,10 @@ class Loader:
                 images, labels = _seeded(generator, self.mixer, self._normalise(images), labels)
             if self.world_size > 1:
                 images, labels = self._own_part(images, labels)
-            if self.mixer is not None:
-                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            else:
-                yield self._normalise(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True)
+            if self.mixer is None:  # mixed batches were normalised before mixing
+                images = self._normalise(images)
+            yield images, labels.to(self.device, non_blocking=True)
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float().div_(255) - self.mean.to(images.device)) / self.std.to(images.device)
