@@ -49,6 +49,10 @@ def test_bench_reports_every_ratio_and_imports_peers_from_a_directory(tmp_path):
     # 8 tokens, 8 experts at one slot each: experts 4*B*S*d*h vs dense 4*B*T*d*h, plus routing 6*B*T*S*d.
     assert rows["soft64/E=8"]["flop_ratio_to_dense"] == 1 + 6 * 8 * 8 / (4 * 8 * 16)
     assert result["training"]["matmul_peak_gflops"] > 0
+    # The bare stacked-expert call does dense's matmul work exactly, split over E buffers; a reference, no target.
+    assert rows["experts_bmm/E=8"]["flop_ratio_to_dense"] == 1.0
+    assert rows["experts_bmm/E=8"]["fwd_bwd_gflop"] == rows["dense"]["fwd_bwd_gflop"]
+    assert not any("experts_bmm" in t["target"] for t in result["targets"])
     assert all(0 < row["fraction_of_peak"] for row in rows.values())
     targets = [t["target"] for t in result["targets"]]
     assert any("vs soft-moe-pytorch" in t for t in targets)
