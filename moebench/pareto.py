@@ -411,16 +411,26 @@ def run_rows(names: dict[Path, str], setups: dict[str, list[Run]], axes: list[st
     return rows
 
 
+def per_seed(members: list[dict], key: str) -> list[float]:
+    """One value per seed: runs of one arm that repeat a seed (e.g. a search proposing the same
+    configuration twice) are one sample, not two; their mean stands for that seed."""
+    by_seed: dict = {}
+    for i, row in enumerate(members):
+        by_seed.setdefault(("seed", row["seed"]) if row["seed"] is not None else ("run", i), []).append(row[key])
+    return [statistics.fmean(values) for values in by_seed.values()]
+
+
 def arm_rows(rows: list[dict], axes: list[str], quality: str) -> list[dict]:
-    """One row per arm (runs sharing everything but the seed): means, spread, frontier on the means."""
+    """One row per arm (runs sharing everything but the seed): means, spread, frontier on the means.
+    The spread and interval are over distinct seeds (``per_seed``)."""
     arms: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         arms.setdefault((row["setup"], row["label"]), []).append(row)
     out = []
     for (setup, label), members in arms.items():
-        values = [row[quality] for row in members]
-        arm = {"label": label, "setup": setup, "router": members[0]["router"], "seeds": len(members),
-               "seed_values": sorted(row["seed"] for row in members if row["seed"] is not None),
+        values = per_seed(members, quality)
+        arm = {"label": label, "setup": setup, "router": members[0]["router"], "seeds": len(values),
+               "seed_values": sorted({row["seed"] for row in members if row["seed"] is not None}),
                f"{quality}_mean": statistics.fmean(values),
                f"{quality}_std": statistics.stdev(values) if len(values) > 1 else None,
                f"{quality}_ci95": ci95_half_width(values)}
@@ -450,9 +460,10 @@ def welch_ci95(a: list[float], b: list[float]) -> float | None:
 def compare_arms(rows: list[dict], arms: list[dict], quality: str) -> list[dict]:
     """Every pair of arms of one setup, the better first: the difference of their means and its
     95% Welch interval; ``separated`` when the interval excludes 0 (a gap larger than seed noise)."""
-    values = {}
+    members: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        values.setdefault((row["setup"], row["label"]), []).append(row[quality])
+        members.setdefault((row["setup"], row["label"]), []).append(row)
+    values = {key: per_seed(runs, quality) for key, runs in members.items()}
     out = []
     for setup in dict.fromkeys(arm["setup"] for arm in arms):
         ranked = sorted((arm for arm in arms if arm["setup"] == setup), key=lambda a: -a[f"{quality}_mean"])

@@ -155,6 +155,25 @@ def test_seeds_of_one_config_form_an_arm_with_a_t_interval(tmp_path):
     assert on_disk["arms"] == json.loads(json.dumps(summary["arms"]))
 
 
+def test_runs_repeating_a_seed_are_one_sample_not_seed_noise(tmp_path):
+    # A search may propose one configuration twice: same config, same seed, same result.
+    # Counted as two seeds that would give a spread of 0 and a "separated" gap of any size.
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "soft_a", "soft", 0.52, 1.0, seed=0)
+    fake_run(sweep, "soft_b", "soft", 0.52, 1.0, seed=0)
+    fake_run(sweep, "dense_a", "dense", 0.51, 1.0, seed=0)
+    fake_run(sweep, "dense_b", "dense", 0.51, 1.0, seed=0)
+    fake_run(sweep, "dense_c", "dense", 0.55, 1.0, seed=1)
+    summary = aggregate([sweep], sweep, show=False)
+    arms = {arm["label"]: arm for arm in summary["arms"]}
+    soft, dense = arms["soft E8 p1"], arms["dense"]
+    assert soft["seeds"] == 1 and soft["top1_ci95"] is None and len(soft["runs"]) == 2
+    assert dense["seeds"] == 2 and dense["seed_values"] == [0, 1]
+    assert dense["top1_mean"] == pytest.approx(0.53)  # seeds weigh equally: (0.51 + 0.55) / 2
+    gap = summary["comparisons"][0]
+    assert gap["separated"] is None and gap["top1_difference_ci95"] is None  # one sample of soft: no interval
+
+
 def test_a_key_added_later_with_a_null_default_keeps_older_runs_in_their_arm(tmp_path):
     """Runs made before a config key existed pool with later runs where that key is null (off),
     but not with runs where it is set."""
