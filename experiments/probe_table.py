@@ -20,6 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from compare_arms import paired_ci95  # a sibling script: run this one as `python experiments/probe_table.py`
 from moebench.pareto import arm_labels, arm_of, ci95_half_width, find_runs, welch_ci95
 
 
@@ -83,11 +84,9 @@ def compare(records: list[dict], data: str, arm: str, reference: str, k: str = "
         return " | "
     diff = 100 * (statistics.fmean(a.values()) - statistics.fmean(b.values()))
     welch = welch_ci95(list(a.values()), list(b.values()))
-    shared = sorted(set(a) & set(b))
-    paired = ci95_half_width([a[s] - b[s] for s in shared]) if len(shared) >= 2 else None
-    paired_mean = 100 * statistics.fmean(a[s] - b[s] for s in shared) if shared else None
+    paired_mean, paired, shared = paired_ci95(a, b)
     left = f"{diff:+.2f}" + ("" if welch is None else f" ± {100 * welch:.2f}")
-    right = "" if paired_mean is None else f"{paired_mean:+.2f}" + ("" if paired is None else f" ± {100 * paired:.2f}")
+    right = "" if not shared else f"{100 * paired_mean:+.2f}" + ("" if paired is None else f" ± {100 * paired:.2f}")
     return f"{left} | {right}"
 
 
