@@ -23,7 +23,9 @@ ratios survive it far better, so the targets are ratios (issue #12), at dim
 Beside the layers, ``experts_bmm/E=N`` times the stacked-expert call alone on
 the tokens cut into N equal buffers: where the batched matmul itself stands
 against the peak at that shape, i.e. how much of a layer's shortfall is routing
-and how much is the matmul (no target applies to it).
+and how much is the matmul (no target applies to it). ``*_tracked/E=N`` (at
+the first and last expert count) time Tokens and Experts Choice with the
+opt-in routing statistics on, as ``moebench train`` runs them: their cost.
 
 The peers are imported from ``--peers DIR`` (``DIR/soft-moe-pytorch`` and
 ``DIR/st-moe-pytorch``: snapshots of their public repositories, never part of
@@ -48,7 +50,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .allocator import allocator_tuning_applied
-from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
+from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, track_routing
 from .moe.experts import Experts
 
 PEER_EXPERTS = (8, 64, 256)
@@ -163,6 +165,11 @@ def training_specs(experts: list[int], tokens: int, peers: dict,
         specs[f"tokens_choice_top2/E={e}"] = (
             "tokens_choice_top2", e,
             lambda d, h, e=e: TokensChoiceMoE(d, h, e, k=2, capacity_factor=EQUAL_BUFFER_FACTOR, group_size=GROUP_IMAGES))
+        if e in (experts[0], experts[-1]):  # what the opt-in routing statistics cost (a reference, not a target)
+            specs[f"tokens_choice_tracked/E={e}"] = ("tokens_choice_tracked", e, lambda d, h, e=e: track_routing(
+                TokensChoiceMoE(d, h, e, k=1, capacity_factor=1.0, noise_std=0.0), "train"))
+            specs[f"experts_choice_tracked/E={e}"] = ("experts_choice_tracked", e, lambda d, h, e=e: track_routing(
+                ExpertsChoiceMoE(d, h, e, capacity_factor=1.0, group_size=8), "train"))
     for e in PEER_EXPERTS:
         if e not in experts:
             continue
@@ -363,7 +370,8 @@ def check_targets(rows: list[dict]) -> list[dict]:
         add(f"{row['layer']}: time / dense <= 1.15 x FLOP ratio ({bound:.3f})", row["time_ratio_to_dense"],
             row["time_ratio_to_dense"] <= bound)
     for row in rows:
-        if not row["sweep"].startswith("peer") and row["sweep"] != "experts_bmm":  # references, not layers
+        reference = row["sweep"].startswith("peer") or row["sweep"] in ("experts_bmm",) or row["sweep"].endswith("_tracked")
+        if not reference:  # references, not the layers as imported
             add(f"{row['layer']}: fraction of fp32 matmul peak >= 0.70", row["fraction_of_peak"],
                 row["fraction_of_peak"] >= 0.70)
     return targets

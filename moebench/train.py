@@ -35,7 +35,7 @@ from .checkpoint import check_resume_config, checkpoint_path, flatten, load_chec
 from .data import DataError, Loader, load_data
 from .errors import CheckpointError, ConfigError, RecordError, UserError
 from .moe import DenseMLP, ExpertsChoiceMoE, MoELayer, SoftMoE, TokensChoiceMoE, collect_aux_loss, collect_metrics
-from .moe import collect_diagnostics
+from .moe import collect_diagnostics, track_routing
 from .moe import count_parameters, expert_parallel_parameters, shard_experts
 from .moe.decay import weight_decay_split
 from .preemption import DEFAULT_SIGNALS, StopRequest
@@ -363,6 +363,7 @@ def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> Ru
     )
     # the same full model on every rank; a resumed run's weights are in its checkpoint
     model = build_model(cfg, data.in_chans, data.num_classes, load_pretrained=ckpt is None).to(device)
+    track_routing(model, "train")  # routing statistics of every training step, none of evaluation
     init_from = None
     if cfg.get("init_from") and ckpt is None:  # a resumed run continues its own weights, never re-initialised
         init_from = upcycle.init_model(model, cfg.init_from, OmegaConf.to_container(cfg, resolve=True))

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import moe_reference as ref
 from moebench.moe import (
     DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, collect_aux_loss, collect_metrics, compute_capacity,
-    count_parameters,
+    count_parameters, track_routing,
 )
 
 
@@ -107,6 +107,7 @@ def test_soft_moe_permuting_tokens_permutes_output():
 
 def test_soft_moe_drops_nothing_and_mixes_over_the_right_axes():
     layer = SoftMoE(8, 16, 4, 2)
+    layer.track_routing = True
     x = torch.randn(2, 5, 8)
     # Every token's output depends on that token (nothing dropped) ...
     xg = x.clone().requires_grad_(True)
@@ -243,6 +244,7 @@ def test_tokens_choice_aux_losses_by_hand():
 
 def test_tokens_choice_noise_and_load_loss_only_when_training():
     layer = TokensChoiceMoE(8, 16, 4, noise_std=1.0, group_size=2)
+    layer.track_routing = "train"
     x = torch.randn(4, 6, 8)
     layer.train()
     a, b = layer(x), layer(x)
@@ -251,7 +253,7 @@ def test_tokens_choice_noise_and_load_loss_only_when_training():
     assert math.isfinite(load) and load > 0
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x))
-    quiet = TokensChoiceMoE(8, 16, 4, noise_std=0.0, group_size=2).train()
+    quiet = track_routing(TokensChoiceMoE(8, 16, 4, noise_std=0.0, group_size=2).train())
     torch.testing.assert_close(quiet(x), quiet(x))
     assert quiet.metrics["load_loss"].item() == 0.0
 
@@ -367,6 +369,7 @@ def test_collect_aux_loss_metrics_and_parameter_counts():
     model = nn.Sequential(
         TokensChoiceMoE(8, 16, 4, k=1, group_size=2), ExpertsChoiceMoE(8, 16, 4, group_size=2), SoftMoE(8, 16, 4),
     ).train()
+    track_routing(model, "train")
     model(torch.randn(4, 6, 8))
     total = collect_aux_loss(model)
     assert total.requires_grad and total.item() == pytest.approx(model[0].aux_loss.item())

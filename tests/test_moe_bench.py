@@ -53,6 +53,10 @@ def test_bench_reports_every_ratio_and_imports_peers_from_a_directory(tmp_path):
     assert rows["experts_bmm/E=8"]["flop_ratio_to_dense"] == 1.0
     assert rows["experts_bmm/E=8"]["fwd_bwd_gflop"] == rows["dense"]["fwd_bwd_gflop"]
     assert not any("experts_bmm" in t["target"] for t in result["targets"])
+    # The opt-in statistics: the same routing and FLOPs as the layer as imported, timed beside it, no target.
+    for router in ("tokens_choice", "experts_choice"):
+        assert rows[f"{router}_tracked/E=8"]["fwd_bwd_gflop"] == rows[f"{router}/E=8"]["fwd_bwd_gflop"]
+    assert not any("_tracked" in t["target"] for t in result["targets"])
     assert all(0 < row["fraction_of_peak"] for row in rows.values())
     targets = [t["target"] for t in result["targets"]]
     assert any("vs soft-moe-pytorch" in t for t in targets)

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebench.moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, collect_diagnostics, collect_metrics
+from moebench.moe import (
+    DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, collect_diagnostics, collect_metrics, track_routing,
+)
 from moebench.moe.metrics import mean_pairwise_cosine
 
 
@@ -59,14 +61,14 @@ def test_soft_moe_scale_init_sets_the_logit_scale():
 def test_soft_moe_slot_similarity_from_the_forward():
     torch.manual_seed(0)
     x = torch.randn(3, 4, 8)
-    uniform = SoftMoE(8, 16, 4, dispatch="uniform").train()
+    uniform = track_routing(SoftMoE(8, 16, 4, dispatch="uniform").train())
     uniform(x)
     assert uniform.metrics["slot_similarity"].item() == pytest.approx(1.0, abs=1e-6)  # every slot the mean token
-    identity = SoftMoE(8, 16, 4, dispatch="identity", combine="identity").train()
+    identity = track_routing(SoftMoE(8, 16, 4, dispatch="identity", combine="identity").train())
     identity(x)  # slot i = token i: the similarity of one image's tokens, averaged over images
     expected = sum(brute_force_similarity(image) for image in x) / 3
     assert identity.metrics["slot_similarity"].item() == pytest.approx(expected, abs=1e-6)
-    soft = SoftMoE(8, 16, 4).train()
+    soft = track_routing(SoftMoE(8, 16, 4).train())
     soft(x)
     slots = soft.logits(x).softmax(1).transpose(1, 2) @ x
     expected = sum(brute_force_similarity(image) for image in slots) / 3

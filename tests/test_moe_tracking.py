@@ -73,7 +73,7 @@ def tokens(*values: float) -> torch.Tensor:
 
 def test_metrics_are_means_over_the_training_forwards_since_the_last_collection():
     layer = handmade_experts_choice().train()
-    model = nn.Sequential(layer)
+    model = track_routing(nn.Sequential(layer), "train")
     # 6 tokens, c = 2: two tokens picked twice, two once, two never.
     model(tokens(3, 2, 0.5, 0, -1, -2))
     # 4 tokens, c = round(4/3) = 1: one token picked twice, one once, two never.
@@ -91,7 +91,7 @@ def test_metrics_are_means_over_the_training_forwards_since_the_last_collection(
 
 
 def test_soft_moe_metrics_average_the_per_forward_values():
-    layer = SoftMoE(8, 16, 4, 2).train()
+    layer = track_routing(SoftMoE(8, 16, 4, 2).train())
     xs = [torch.randn(3, 5, 8), torch.randn(2, 7, 8) * 4, torch.randn(1, 5, 8)]
     expected = []
     for x in xs:
@@ -122,3 +122,28 @@ def test_aux_loss_in_training_is_the_weighted_sum_of_the_losses():
     model.eval()
     model(x)
     assert collect_aux_loss(model).item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["soft", "tokens_choice", "experts_choice"])
+def test_training_computes_the_weighted_losses_and_statistics_only_when_asked(name):
+    layer, x = routers()[name].train(), torch.randn(4, 6, 8)
+    torch.manual_seed(1)  # the same training noise for both forwards
+    y = layer(x)
+    untracked_aux, untracked_ops = layer.aux_loss, ops_of_forward(layer, x)
+    assert layer.metrics == {} and collect_metrics(layer) == {}
+    track_routing(layer, "train")
+    torch.manual_seed(1)
+    torch.testing.assert_close(layer(x), y)
+    assert layer.metrics and set(collect_metrics(layer)) == set(layer.metrics)
+    torch.testing.assert_close(layer.aux_loss, untracked_aux)  # the objective does not depend on tracking
+    assert untracked_aux.requires_grad == (name == "tokens_choice")  # its importance and load losses have weights
+    assert ops_of_forward(layer, x) > untracked_ops
+    collect_metrics(layer)
+    layer.eval()
+    layer(x)  # "train": an evaluation forward is not tracked
+    assert layer.metrics == {} and collect_metrics(layer) == {} and float(layer.aux_loss) == 0.0
+
+
+def test_track_routing_names_what_it_takes():
+    with pytest.raises(ValueError, match="True, False or 'train'"):
+        track_routing(routers()["soft"], "eval")

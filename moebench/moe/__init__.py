@@ -2,21 +2,25 @@
 
 Pure PyTorch (no Hydra, no W&B). Every layer maps (batch, tokens, dim) to the
 same shape. Routers compute in float32 even under bf16 autocast (the experts
-follow the autocast). In training mode (or after ``track_routing(model)``)
-each forward leaves ``layer.aux_loss`` (differentiable scalar, 0 where the
-router has none) and adds its routing statistics to running sums;
-``collect_aux_loss(model)`` sums the last forward's losses,
-``collect_metrics(model)`` returns the statistics' means since its previous
-call, and ``collect_diagnostics(model)`` measures the weights (similarity of
-experts and slots: do they diverge?)::
+follow the autocast). In training mode each forward leaves ``layer.aux_loss``
+(differentiable scalar, 0 where the router has none);
+``collect_aux_loss(model)`` sums the last forward's losses. Routing
+statistics cost time, so they are computed only when asked:
+``track_routing(model, "train")`` adds every training forward's statistics to
+running sums (``True``: every forward, e.g. on test data), and
+``collect_metrics(model)`` returns their means since its previous call.
+``collect_diagnostics(model)`` measures the weights (similarity of experts
+and slots: do they diverge?)::
 
-    from moebench.moe import SoftMoE, collect_aux_loss, collect_metrics
+    from moebench.moe import SoftMoE, collect_aux_loss, collect_metrics, track_routing
     mlp = SoftMoE(dim=192, hidden_dim=768, num_experts=128)
+    track_routing(model, "train")               # optional: statistics of training forwards
     y = mlp(x)                                  # x: (B, T, 192)
     loss = task_loss + collect_aux_loss(model)
     log(collect_metrics(model))                 # every N steps: means over those N steps
 
-In eval mode nothing is tracked (aux_loss is 0, no statistics) unless asked.
+In eval mode nothing is computed (aux_loss is 0, no statistics) unless
+tracking is ``True``.
 
 Importing this package tunes glibc's allocator for the process (freed memory
 is kept for reuse instead of being unmapped and page-faulted in again: up to

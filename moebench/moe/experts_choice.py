@@ -64,6 +64,8 @@ class ExpertsChoiceMoE(SparseMoE):
         return y.view(groups, -1, dim)
 
     def summarize(self, states: list[dict]):
+        if not self.tracking:  # no auxiliary loss: only statistics, and nobody asked for them
+            return states[0]["gates"].new_zeros(()), {}
         with torch.no_grad():
             picks = torch.cat([
                 torch.zeros(s["tokens"], device=s["flat"].device).index_add_(

@@ -26,8 +26,9 @@ class SparseMoE(MoELayer):
     Subclasses implement ``route(x) -> (buffers (E, rows, d), state)`` for one
     part of shape (G, m, d), and ``combine(expert_out (E, rows, d), state) ->
     (G, m, d)``; ``route`` may append per-group auxiliary losses and metric
-    pieces to ``state`` when ``self.tracking``, and ``summarize(states)`` turns
-    them into (aux_loss, metrics), called only then. Gates, routing and
+    pieces to ``state`` when ``self.computes_losses``, and ``summarize(states)``
+    turns them into (aux_loss, metrics), called only then; it computes metrics
+    only when ``self.tracking`` (an empty dict otherwise). Gates, routing and
     combine run in float32 with autocast off (see ``precision``); only the
     experts run under the caller's autocast.
     """
@@ -88,11 +89,14 @@ class SparseMoE(MoELayer):
             outputs = [self.combine(out, state) for out, (_, state) in zip(pieces, routed)]
             outputs = [out.reshape(-1, tokens, dim) for out in outputs]  # parts: (G, m, d) with m = images * tokens
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
-            if self.tracking:
+            if self.computes_losses:
                 self.aux_loss, metrics = self.summarize([state for _, state in routed])
+            else:
+                self.aux_loss, metrics = x32.new_zeros(()), {}
+            if self.tracking:
                 self.record_metrics(metrics)
             else:
-                self.aux_loss, self.metrics = x32.new_zeros(()), {}
+                self.metrics = {}
         return y.to(x.dtype)
 
     def diagnostics(self) -> dict[str, float]:

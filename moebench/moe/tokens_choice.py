@@ -114,8 +114,8 @@ class TokensChoiceMoE(SparseMoE):
             "row": torch.where(kept, row, 0), "weight": top_gate * kept, "gates": gates, "kept": kept,
             "choices": top_expert,
         }
-        if self.tracking:
-            state["losses"] = self.aux_losses(logits, noisy, gates)
+        if self.computes_losses:
+            state["losses"] = self.aux_losses(logits, noisy, gates, top_expert[..., 0])
         return buffers, state
 
     def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
@@ -127,14 +127,17 @@ class TokensChoiceMoE(SparseMoE):
             return picked.squeeze(2) * weight.squeeze(2)
         return (picked * weight).sum(2)
 
-    def aux_losses(self, logits: torch.Tensor, noisy: torch.Tensor, gates: torch.Tensor) -> dict:
-        """Per-group auxiliary losses, each of shape (G,). A loss with weight 0 is
-        only a metric: it is computed without a graph, so backward skips it."""
+    def aux_losses(self, logits: torch.Tensor, noisy: torch.Tensor, gates: torch.Tensor, top1: torch.Tensor) -> dict:
+        """Per-group auxiliary losses, each of shape (G,); ``top1`` is every token's first
+        choice. A loss with weight 0 is only a metric: computed without a graph (backward
+        skips it) while tracking, and not at all otherwise (None)."""
         groups, m, experts = logits.shape
 
         def term(name: str, compute):
             if self.loss_weights[name]:
                 return compute()
+            if not self.tracking:
+                return None
             with torch.no_grad():
                 return compute()
 
@@ -149,18 +152,22 @@ class TokensChoiceMoE(SparseMoE):
             load = logits.new_zeros(groups)
 
         def switch_loss():
-            top1 = torch.zeros_like(gates[:, 0]).scatter_add_(
-                1, gates.argmax(-1), torch.full_like(gates[..., 0], 1.0 / m)
-            )
-            return experts * (top1 * gates.mean(1)).sum(-1)
+            # The routing's own first choice is the argmax of the gates: no second pass over them.
+            share = torch.zeros_like(gates[:, 0]).scatter_add_(1, top1, torch.full_like(gates[..., 0], 1.0 / m))
+            return experts * (share * gates.mean(1)).sum(-1)
 
         switch = term("switch", switch_loss)
         z = term("z", lambda: torch.logsumexp(logits, dim=-1).pow(2).mean(1))
         return {"importance": importance, "load": load, "switch": switch, "z": z}
 
     def summarize(self, states: list[dict]):
-        losses = {name: torch.cat([s["losses"][name] for s in states]).mean() for name in self.loss_weights}
-        aux = sum(self.loss_weights[name] * value for name, value in losses.items())
+        losses = {
+            name: torch.cat([s["losses"][name] for s in states]).mean()
+            for name in self.loss_weights if states[0]["losses"][name] is not None
+        }
+        aux = sum((self.loss_weights[name] * value for name, value in losses.items()), states[0]["gates"].new_zeros(()))
+        if not self.tracking:
+            return aux, {}
         with torch.no_grad():
             kept = sum(s["kept"].sum() for s in states)
             choices = sum(s["kept"].numel() for s in states)
