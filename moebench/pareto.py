@@ -216,6 +216,8 @@ class Run:
             parts.append(f"scale{self.get('router.scale_init'):g}")
         if router == "soft" and self.get("router.identical_init") is False:
             parts.append("indep-init")
+        if router == "soft" and self.get("router.dispatch_normalized"):
+            parts.append("normed-dispatch")
         if router == "dense" and self.get("router.mlp_mult") not in (None, 1, 1.0):
             parts.append(f"MLPx{self.get('router.mlp_mult'):g}")
         if self.get("init_from"):  # started from a dense run's checkpoint

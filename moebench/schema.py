@@ -126,7 +126,7 @@ SCHEMA: dict[str, Spec] = {
     "router.noise_std": Float(0), "router.capacity_rounding": ROUNDING, "router.lr_mult": Float(0),
     "router.dispatch": Choice("soft", "uniform", "identity"), "router.combine": Choice("soft", "uniform", "identity"),
     "router.importance_weight": Float(0), "router.load_weight": Float(0), "router.switch_weight": Float(0),
-    "router.z_loss_weight": Float(0),
+    "router.z_loss_weight": Float(0), "router.dispatch_normalized": Spec("bool", nullable=True),
     "search.objectives": Spec("list", item="str"),  # names: search.check
 }
 SHORTCUTS = {"router.num_experts": "experts", "router.slots_per_expert": "slots", "router.k": "k",

@@ -133,3 +133,9 @@ def test_evaluation_splits_are_not_in_class_order(tmp_path):
         assert runs > len(labels) // 2  # sorted would give 3 class changes
         assert torch.bincount(labels).tolist() == [len(labels) // 4] * 4
     assert torch.equal(one.test_labels, two.test_labels) and torch.equal(one.test_images, two.test_images)
+
+
+def test_router_dispatch_normalized_reaches_the_soft_moe_layers_and_is_off_by_default():
+    default = build_model(compose_cfg("router=soft", "experts=4"), in_chans=1, num_classes=10)
+    port = build_model(compose_cfg("router=soft", "experts=4", "router.dispatch_normalized=true"), 1, 10)
+    assert default.blocks[3].mlp.dispatch_normalized is False and port.blocks[3].mlp.dispatch_normalized is True

@@ -58,6 +58,20 @@ def test_soft_moe_scale_init_sets_the_logit_scale():
     assert sharp.state_dict().keys() == default.state_dict().keys()
 
 
+def test_soft_moe_dispatch_normalized_mixes_rms_normalised_tokens_as_the_port_does():
+    torch.manual_seed(0)
+    paper = SoftMoE(8, 16, 4)
+    port = SoftMoE(8, 16, 4, dispatch_normalized=True)
+    port.load_state_dict(paper.state_dict())  # the same weights: only the dispatched content differs
+    x = torch.randn(2, 5, 8) * torch.tensor([0.1, 1.0, 3.0, 10.0, 0.5]).view(1, 5, 1)
+    rms = x / x.pow(2).mean(-1, keepdim=True).sqrt()  # unit L2 norm times sqrt(d)
+    # The logits ignore token norms (normalize=True), so the port's layer is the paper's on RMS-normalised tokens.
+    torch.testing.assert_close(port(x), paper(rms), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(port(3.0 * x), port(x), rtol=1e-4, atol=1e-5)  # token magnitudes are lost
+    assert not torch.allclose(paper(3.0 * x), paper(x), rtol=1e-2)  # the paper's raw dispatch keeps them
+    assert SoftMoE(8, 16, 4, dispatch_normalized=None).dispatch_normalized is False  # a config's null: off
+
+
 def test_soft_moe_slot_similarity_from_the_forward():
     torch.manual_seed(0)
     x = torch.randn(3, 4, 8)

@@ -44,6 +44,10 @@ class SoftMoE(MoELayer):
         dispatch, combine: "soft" (the method), "uniform" (every weight 1/m or
             1/S) or "identity" (slot i <-> token i; needs n*p == tokens): the
             ablations of the paper's Table 2.
+        dispatch_normalized: dispatch the RMS-normalised tokens (unit L2 norm
+            times sqrt(d)) instead of the raw ones, as lucidrains/soft-moe-pytorch
+            does (its RMSNorm at init). A deviation from the paper, which mixes
+            raw tokens and so keeps their magnitudes; off by default.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class SoftMoE(MoELayer):
         dispatch: str = "soft",
         combine: str = "soft",
         scale_init: float = 1.0,
+        dispatch_normalized: bool | None = False,
     ):
         super().__init__()
         if slot_factor is not None:
@@ -76,6 +81,7 @@ class SoftMoE(MoELayer):
         if "identity" in (dispatch, combine) and num_tokens is not None and num_tokens != self.num_slots:
             raise ValueError(f"identity dispatch/combine needs slots == tokens, got {self.num_slots} != {num_tokens}")
         self.normalize, self.dispatch, self.combine = normalize, dispatch, combine
+        self.dispatch_normalized = bool(dispatch_normalized)  # None (a config's "off") is False
         self.phi = nn.Parameter(torch.empty(dim, num_experts, slots_per_expert))
         self.scale = nn.Parameter(torch.full((), float(scale_init)))
         self.experts = Experts(num_experts, dim, hidden_dim, identical_init=identical_init)
@@ -106,9 +112,11 @@ class SoftMoE(MoELayer):
         logits = self.logits(x) if "soft" in (self.dispatch, self.combine) else None
         with routing_precision(x):
             x32 = as_float32(x)
+            if self.dispatch_normalized:
+                x32 = l2_normalize(x32, -1) * math.sqrt(dim)
             if self.dispatch == "soft":
                 dispatch = logits.softmax(dim=1)  # over the tokens of one example
-                slot_in = dispatch.transpose(1, 2) @ x32  # raw tokens, (B, S, d)
+                slot_in = dispatch.transpose(1, 2) @ x32  # raw tokens (the paper), (B, S, d)
                 if track:
                     metrics.update(_weight_stats("dispatch", dispatch.detach(), dim=1))
             elif self.dispatch == "uniform":
@@ -151,6 +159,7 @@ class SoftMoE(MoELayer):
         return (
             f"num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
             f"normalize={self.normalize}, dispatch={self.dispatch!r}, combine={self.combine!r}"
+            + (", dispatch_normalized=True" if self.dispatch_normalized else "")
         )
 
 
