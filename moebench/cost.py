@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .allocator import release_free_memory
+from .moe import track_routing
 
 _aten = torch.ops.aten
 
@@ -171,8 +172,10 @@ def train_step_call(model: torch.nn.Module, images: torch.Tensor, labels: torch.
                     aux_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
                     compile: bool = False) -> Callable[[], object]:
     """One training step (forward, cross-entropy plus ``aux_loss(model)``, backward, AdamW)
-    on a copy of ``model``, so the trained weights stay as they are."""
-    clone = copy.deepcopy(model).train()
+    on a copy of ``model``, so the trained weights stay as they are. The copy computes no
+    routing statistics: the cost is the model's, the same whether the trainer or
+    ``moebench measure`` asks."""
+    clone = track_routing(copy.deepcopy(model).train(), False)
     forward = torch.compile(clone) if compile else clone
     optimizer = torch.optim.AdamW(clone.parameters(), lr=1e-9)  # a step, not a change
     device = images.device

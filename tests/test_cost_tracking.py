@@ -12,7 +12,8 @@ from torch import nn
 
 from moebench.allocator import tune_cpu_allocator
 from moebench.cost import LiveTensorBytes, Throughput, flops_per_image, infer_peak_mb, measure_inference
-from moebench.cost import peak_memory_mb, reset_peak_memory, train_peak_mb, warm_up
+from moebench.cost import peak_memory_mb, reset_peak_memory, train_peak_mb, train_step_call, warm_up
+from moebench.moe import TokensChoiceMoE, collect_aux_loss, track_routing
 from moebench.tracking import RunRecorder, atomic_write_json, read_metrics
 
 
@@ -48,6 +49,16 @@ def test_a_compiled_model_is_what_gets_timed():
 
     measure_inference(nn.Linear(8, 8), torch.randn(4, 8), warmup=1, repeats=3, compiled=Compiled())
     assert Compiled.calls >= 4
+
+
+def test_a_timed_training_step_trains_the_model_without_routing_statistics():
+    model = nn.Sequential(TokensChoiceMoE(8, 16, 4, group_size=2), nn.Flatten(1), nn.Linear(48, 3))
+    track_routing(model, "train")  # as the trainer has it
+    step = train_step_call(model, torch.randn(2, 6, 8), torch.tensor([0, 2]), aux_loss=collect_aux_loss)
+    step()
+    layer = step.model[0]
+    assert layer.metrics == {} and layer.aux_loss.requires_grad  # the objective, not the statistics
+    assert model[0].track_routing == "train"  # the trained model keeps its own setting
 
 
 def test_warm_up_goes_on_until_the_times_settle_and_a_minimum_time_has_passed():
