@@ -16,7 +16,7 @@ Bookkeeping costs time, so a layer pays only for what is asked:
   *tracking*: after ``track_routing(model)`` on every forward, or after
   ``track_routing(model, "train")`` on training-mode forwards only (what
   moebench's trainer uses, so evaluation stays out of the training means).
-  At 256 experts the statistics cost about 5% of a Tokens Choice layer's
+  At 256 experts the statistics cost up to 5% of a Tokens Choice layer's
   forward + backward (entropies and a logsumexp over every token's gates).
 
 Every tracked forward adds its statistics to running sums on the layer;
