@@ -90,7 +90,9 @@ class RunRecorder:
     ``wandb_cfg``: ``mode`` (offline, online, disabled), ``project``, ``entity``,
     ``group``, ``name``, ``tags``, ``job_type``, ``id`` (resume that W&B run);
     None means no W&B. ``resume_step``: a resumed run drops the metric lines
-    logged after its checkpoint's step, so the file has each step once.
+    logged after its checkpoint's step, so the file has each step once; a run
+    that starts afresh (None) drops every line an earlier, killed attempt in the
+    same run dir left before its first checkpoint.
     """
 
     def __init__(self, run_dir: Path, config: dict, *, wandb_cfg: dict | None = None, resume_step: int | None = None):
@@ -101,7 +103,7 @@ class RunRecorder:
             kept = [line for line in read_metrics(self.metrics_path) if line.get("step", 0) <= resume_step]
             data = "".join(json.dumps(line) + "\n" for line in kept).encode()
             _atomic_write(self.metrics_path, lambda f: f.write(data))
-        self._file = open(self.metrics_path, "a")
+        self._file = open(self.metrics_path, "a" if resume_step is not None else "w")
         self.wandb_run = None
         if wandb_cfg and wandb_cfg.get("mode", "disabled") != "disabled":
             self.wandb_run = self._init_wandb(config, wandb_cfg)

@@ -172,6 +172,10 @@ def test_metrics_lines_and_resume_truncation(tmp_path):
     with RunRecorder(tmp_path, {"a": 1}, resume_step=2) as rec:  # checkpoint was at step 2
         rec.log({"loss": 0.1}, step=3)
     assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    # killed before its first checkpoint, the run starts again from step 0: the old lines go
+    with RunRecorder(tmp_path, {"a": 1}) as rec:
+        rec.log({"loss": 0.5}, step=1)
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1]
 
 
 def test_wandb_offline_runs_are_separate_and_carry_the_summary(tmp_path, monkeypatch):
