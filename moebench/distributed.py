@@ -76,6 +76,24 @@ def setup() -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
+def refusal(own: str | None, ranks: Ranks) -> str | None:
+    """The command line's refusal that every rank agrees on: this rank's error (or None) in, the
+    first rank's error out (prefixed ``rank N:`` when it is not rank 0's), None when no rank refused.
+
+    Every rank calls this once after checking its command line, refused or not, so that no rank
+    exits before rank 0 has the line to print: torchrun stops the remaining ranks as soon as one
+    exits, and a rank 0 stopped before it printed would leave the user no error at all.
+    """
+    if not ranks.enabled:
+        return own
+    errors: list[str | None] = [None] * ranks.world_size
+    dist.all_gather_object(errors, own)
+    for rank, error in enumerate(errors):
+        if error is not None:
+            return error if rank == 0 else f"rank {rank}: {error}"
+    return None
+
+
 def collective_timeout() -> timedelta:
     """How long a collective waits for the other ranks before it fails (a hung or lost rank):
     ``MOEBENCH_COLLECTIVE_TIMEOUT_S``, default 10 minutes (torch's own default is 30)."""

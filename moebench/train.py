@@ -907,14 +907,19 @@ def main(args: list[str]) -> int:
     ranks = distributed.current()
     code = status.EXIT_OK
     try:
+        refused = None
         try:
             search.prepare_preset(args)  # hydra/sweeper=optuna: moebench's preset (conf/hydra/sweeper/optuna.yaml)
             COMMAND = preflight.prepare(args, conf_dir(), validate)
             if COMMAND.run_dir is not None and ranks.is_main:
                 checkpoint.lock_run_dir(COMMAND.run_dir)
         except UserError as err:  # nothing was written
+            refused = str(err)
+        refused = distributed.refusal(refused, ranks)  # under torchrun: one answer for all ranks
+        if refused is not None:
             if ranks.is_main:
-                print(f"moebench: error: {err}", file=sys.stderr, flush=True)
+                print(f"moebench: error: {refused}", file=sys.stderr, flush=True)
+            distributed.barrier(ranks)  # the line is out before any rank exits (torchrun stops the rest)
             code = status.EXIT_BAD_INPUT
             return code
         sys.argv = ["moebench train", *COMMAND.args, *extra]

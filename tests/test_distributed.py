@@ -1,8 +1,9 @@
-"""Expert parallelism on 2 CPU processes (gloo): the sharded layer equals the local layer."""
+"""Several processes on 2 CPU cores (gloo): expert-parallel layers, DDP gradients, torchrun end to end."""
 
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import traceback
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 
 from test_cli import ENV, metric_lines, moebench, result
 
+import moebench as moebench_package
 from moebench.moe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, expert_parallel_parameters, shard_experts
 
 WORLD = 2
@@ -102,6 +104,118 @@ def test_expert_parallel_layers_match_the_local_layers(tmp_path):
     assert not messages and failure is None, "\n".join(messages) or failure
 
 
+# ----------------------------------------------------------------------------- DDP on moebench's model
+
+GRAD_ROUTERS = {  # the smoke model with each router in its MoE block (no routing noise: ranks agree)
+    "soft": ["router=soft"],
+    "tokens_choice": ["router=tokens_choice", "router.group_size=2", "router.noise_std=0"],
+    "experts_choice": ["router=experts_choice", "router.group_size=2", "router.noise_std=0"],
+}
+
+
+def smoke_model(router: str, dtype: torch.dtype) -> torch.nn.Module:
+    from hydra import compose, initialize_config_dir
+
+    from moebench.train import build_model, conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=smoke", *GRAD_ROUTERS[router]])
+    torch.manual_seed(0)
+    return build_model(cfg, in_chans=3, num_classes=10).to(dtype)
+
+
+def loss_of(model, images, labels) -> torch.Tensor:
+    """The training loss as moebench's step computes it: cross-entropy plus the routers' aux losses."""
+    from moebench.moe.base import collect_aux_loss
+
+    logits = model(images)
+    return torch.nn.functional.cross_entropy(logits, labels) + collect_aux_loss(model).to(logits.dtype)
+
+
+def gradients(model, images, labels) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss_of(model, images, labels).backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def ddp_worker(rank: int, init_file: str, errors) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)  # the same kernels and blocking in both processes and the reference
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    case = "?"
+    try:
+        for router in GRAD_ROUTERS:
+            for dtype in (torch.float64, torch.float32):
+                case = f"{router} {dtype}"
+                check_ddp(rank, router, dtype, DistributedDataParallel)
+    except Exception:
+        errors.put(f"rank {rank}, {case}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def check_ddp(rank: int, router: str, dtype: torch.dtype, ddp_class) -> None:
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(2 * BATCH, 3, 8, 8, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 10, (2 * BATCH,), generator=gen)
+    halves = [slice(0, BATCH), slice(BATCH, 2 * BATCH)]
+    mine = halves[rank]
+    model = smoke_model(router, dtype)
+    ddp = ddp_class(copy.deepcopy(model), find_unused_parameters=True)
+
+    # Strict: DDP's gradient is the ranks' gradients averaged; two addends sum alike in either order
+    # and halving is exact, so with the same kernels the result is bit-identical to averaging the
+    # halves' gradients in one process, on any CPU.
+    ddp.zero_grad(set_to_none=True)
+    loss_of(ddp, images[mine], labels[mine]).backward()
+    got = {name: p.grad for name, p in ddp.module.named_parameters() if p.grad is not None}
+    per_half = [gradients(model, images[h], labels[h]) for h in halves]
+    assert got.keys() == per_half[0].keys()
+    for name in got:
+        torch.testing.assert_close(got[name], (per_half[0][name] + per_half[1][name]) / 2, rtol=0, atol=0,
+                                   msg=name)
+
+    # With a tolerance: the same gradients as one process on the whole batch (one loss over both
+    # halves), which sums its terms in another order. The error of a reordered float sum is a few
+    # units of rounding of the summands' size, so each tensor is compared relative to its largest
+    # entry: 1e-4 (float32) is ~800 units of rounding; float64 is held to 1e-10.
+    full = gradients(model, images, labels)
+    scale_tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for name in got:
+        scale = max(float(full[name].abs().max()), 1e-6)
+        torch.testing.assert_close(got[name], full[name], rtol=0, atol=scale_tol * scale, msg=name)
+
+    # SGD is linear in the gradients: three DDP steps land where three whole-batch steps do, up to
+    # the gradient tolerance above times the steps' learning rate (float64: no room for a bug).
+    if dtype == torch.float64:
+        opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        opt_one = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt_ddp.zero_grad(set_to_none=True)
+            loss_of(ddp, images[mine], labels[mine]).backward()
+            opt_ddp.step()
+            opt_one.zero_grad(set_to_none=True)
+            loss_of(model, images, labels).backward()
+            opt_one.step()
+        for (name, a), b in zip(model.named_parameters(), ddp.module.parameters()):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-10, msg=name)
+
+
+def test_ddp_gradients_equal_the_averaged_halves_exactly_and_the_whole_batch_within_rounding(tmp_path):
+    errors = mp.get_context("spawn").SimpleQueue()
+    failure = None
+    try:
+        mp.spawn(ddp_worker, args=(str(tmp_path / "init"), errors), nprocs=WORLD, join=True)
+    except mp.ProcessRaisedException as err:
+        failure = str(err)
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not messages and failure is None, "\n".join(messages) or failure
+
+
 # ----------------------------------------------------------------------------- torchrun end to end
 
 TC = ["experiment=smoke", "router=tokens_choice", "router.group_size=2", "router.noise_std=0",
@@ -115,17 +229,33 @@ def torchrun(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     )
 
 
+def moebench_frames(stderr: str) -> list[str]:
+    """Traceback lines inside moebench's own package (whatever the clone's directory is called)."""
+    package = str(Path(moebench_package.__file__).resolve().parent) + os.sep
+    return [line for line in stderr.splitlines() if line.lstrip().startswith(f'File "{package}')]
+
+
 def assert_same_training(a: Path, b: Path) -> None:
-    """Same final weights (float tolerance: 2 ranks sum in another order) and the same logged losses."""
-    wa = torch.load(a / "last.pt", weights_only=True)["model"]
-    wb = torch.load(b / "last.pt", weights_only=True)["model"]
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+    """Two AdamW runs of the same config, one on 2 ranks: the same per-step losses and test accuracy.
+
+    Weights are not compared: the ranks sum gradients in another order than one process does, and
+    Adam divides each update by the root of the second moment, so a rounding-level difference in a
+    near-zero gradient (a bias) becomes a difference of the order of the learning rate in that
+    weight, on some CPUs' kernels and not on others. What DDP must preserve exactly is pinned on
+    gradients and on SGD below (``test_ddp_gradients_*``); here the runs agree on what they compute.
+    """
+    assert torch.load(a / "last.pt", weights_only=True)["model"].keys() == \
+        torch.load(b / "last.pt", weights_only=True)["model"].keys()
     la = [m["train/loss"] for m in metric_lines(a) if "train/loss" in m]
     lb = [m["train/loss"] for m in metric_lines(b) if "train/loss" in m]
-    assert len(la) == len(lb) == 6 and la == pytest.approx(lb, abs=1e-5)  # 2 epochs of 3 steps (51 training images)
-    assert result(a)["quality"]["top1"] == result(b)["quality"]["top1"]
+    assert len(la) == len(lb) == 6  # 2 epochs of 3 steps (51 training images)
+    # Step 1 sees the same weights: float32 reduction order only. Later steps see weights that
+    # differ by at most a few learning-rate-sized updates of parameters whose gradient is ~0,
+    # which moves the loss by much less than 1e-3 of its value (~2.3 at chance).
+    assert la[0] == pytest.approx(lb[0], rel=1e-5)
+    assert la == pytest.approx(lb, rel=1e-3)
+    top1_a, top1_b = result(a)["quality"]["top1"], result(b)["quality"]["top1"]
+    assert abs(top1_a - top1_b) <= 1 / 32 + 1e-9  # at most one of the 32 test images flips
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +301,11 @@ def test_expert_parallel_checkpoints_resume_across_process_counts(tmp_path, sing
 def test_expert_parallel_needs_experts_divisible_by_processes(tmp_path):
     proc = torchrun("train", "experiment=smoke", "experts=3", "expert_parallel=true", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
-    assert proc.stderr.count("moebench: error: expert_parallel=true needs experts (3) divisible by the 2") == 1
-    assert 'moebench/' not in proc.stderr  # no traceback from moebench (torchrun's agent prints its own)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moebench: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]  # rank 0's line, whichever rank exits first
+    assert errors[0].startswith("moebench: error: expert_parallel=true needs experts (3) divisible by the 2")
+    assert not moebench_frames(proc.stderr)  # no traceback from moebench (torchrun's agent prints its own)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused: nothing written
 
 
 def test_a_rank_that_raises_stops_every_rank_promptly_with_one_error(tmp_path):
@@ -184,7 +317,7 @@ def test_a_rank_that_raises_stops_every_rank_promptly_with_one_error(tmp_path):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("moebench: error:")]
     assert errors == ["moebench: error: rank 1: RuntimeError: injected fault at step #3"], proc.stderr[-3000:]
-    assert 'File "' + str(Path(__file__).parents[1] / "moebench") not in proc.stderr  # no moebench traceback
+    assert not moebench_frames(proc.stderr)  # no moebench traceback
     res = result(run_dir)  # rank 0's record: failed, because another rank did
     assert res["status"] == "failed" and res["error"].startswith("another rank failed")
     assert res["position"]["step"] == 2
