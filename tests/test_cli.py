@@ -247,7 +247,7 @@ def test_non_editable_install_works_from_any_directory(tmp_path):
     site = tmp_path / "site"
     pip = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(site), str(REPO)], capture_output=True, text=True, timeout=300,
+         "--target", str(site), str(REPO)], capture_output=True, text=True, timeout=900,
     )
     assert pip.returncode == 0, pip.stderr[-2000:]
     shipped = {p.relative_to(site / "moebench" / "conf") for p in (site / "moebench" / "conf").rglob("*.yaml")}

@@ -14,7 +14,7 @@ ENV = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "OMP_N
 
 def train_help(*overrides: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "moebench", "train", *overrides, "--help"],
-                          capture_output=True, text=True, env=ENV, timeout=120)
+                          capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 

@@ -65,7 +65,7 @@ def test_pareto_over_runs_without_w_and_b_creates_no_w_and_b_run(tmp_path):
     for i, router in enumerate(("soft", "dense")):
         fake_run(sweep, str(i), router, params=1000 * (i + 1), wandb_mode="disabled")
     proc = subprocess.run([sys.executable, "-m", "moebench", "pareto", str(sweep), "--wandb-report"],
-                          capture_output=True, text=True, env=ENV, timeout=120)
+                          capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (sweep / "pareto.csv").is_file()
     assert not list(sweep.rglob("wandb"))  # no W&B run, offline or not
