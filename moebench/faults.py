@@ -3,13 +3,15 @@
 ``MOEBENCH_FAULT="ACTION:POINT:N[:RANK]"`` (several separated by ``;``) fires
 ACTION the N-th time the code passes POINT (on torchrun rank RANK only, if given):
 
-- points: ``step`` (after each training step's backward), ``write:FILE`` (an
+- points: ``step`` (after each training step's backward), ``refuse`` (rank 0 about to
+  print why the command line is refused), ``write:FILE`` (an
   atomic write of FILE, e.g. ``write:last.pt``, after the data went to the temp
   file and before the rename);
 - actions: ``sigkill`` (the process dies at once, as with ``kill -9``),
   ``raise`` (a RuntimeError), ``enospc`` (an OSError "No space left on device"),
   ``nan`` (``hit`` returns True: the caller poisons its loss), ``slow`` (from the
-  N-th pass on, every pass sleeps 0.1 s: time for a test to send a signal).
+  N-th pass on, every pass sleeps 0.1 s: time for a test to send a signal),
+  ``pause`` (the N-th pass sleeps 3 s: another process gets there first).
 
 Unset (always, outside tests) every ``hit`` is a dictionary lookup.
 """
@@ -49,6 +51,8 @@ def hit(point: str) -> bool:
             time.sleep(0.1)
         if _hits[point] != n:
             continue
+        if action == "pause":
+            time.sleep(3.0)
         if action == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "raise":

@@ -918,6 +918,7 @@ def main(args: list[str]) -> int:
         refused = distributed.refusal(refused, ranks)  # under torchrun: one answer for all ranks
         if refused is not None:
             if ranks.is_main:
+                faults.hit("refuse")
                 print(f"moebench: error: {refused}", file=sys.stderr, flush=True)
             distributed.barrier(ranks)  # the line is out before any rank exits (torchrun stops the rest)
             code = status.EXIT_BAD_INPUT

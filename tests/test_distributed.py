@@ -299,7 +299,11 @@ def test_expert_parallel_checkpoints_resume_across_process_counts(tmp_path, sing
 
 
 def test_expert_parallel_needs_experts_divisible_by_processes(tmp_path):
-    proc = torchrun("train", "experiment=smoke", "experts=3", "expert_parallel=true", f"hydra.run.dir={tmp_path}")
+    # Rank 0 pauses before it prints: a rank 1 that exited at once would have torchrun stop rank 0
+    # before its line is out (the refusal is agreed first, so rank 1 waits).
+    env = {**ENV, "MOEBENCH_FAULT": "pause:refuse:1:0"}
+    proc = torchrun("train", "experiment=smoke", "experts=3", "expert_parallel=true", f"hydra.run.dir={tmp_path}",
+                    env=env)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("moebench: error:")]
     assert len(errors) == 1, proc.stderr[-3000:]  # rank 0's line, whichever rank exits first
