@@ -97,3 +97,22 @@ def test_gradients_reach_router_parameters_in_float32_under_autocast():
         loss = out.float().pow(2).sum() + layer.aux_loss
     loss.backward()
     assert layer.gate.weight.grad.dtype == torch.float32 and layer.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["soft", "tokens_choice", "experts_choice"])
+def test_a_bf16_model_takes_the_routers_float32_output_into_its_experts(name):
+    """``model.to(torch.bfloat16)`` without autocast: the router still routes in float32 and the
+    experts take its output in their own dtype; output and gradients within bf16 error of float32."""
+    torch.manual_seed(0)
+    layer32 = layers()[name].eval()
+    layer16 = layers()[name].eval()
+    layer16.load_state_dict(layer32.state_dict())
+    layer16.to(torch.bfloat16)
+    x = inputs()
+    y32 = layer32(x)
+    x16 = x.to(torch.bfloat16).requires_grad_(True)
+    y16 = layer16(x16)
+    assert y16.dtype == torch.bfloat16
+    y16.float().sum().backward()
+    assert x16.grad.dtype == torch.bfloat16 and layer16.experts.w1.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, atol=5e-2 * y32.abs().max().item(), rtol=5e-2)

@@ -44,6 +44,8 @@ class Experts(nn.Module):
             b.copy_(torch.empty(draws, b.shape[1]).normal_(std=1e-6).expand_as(b))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):  # a bf16 model: the router's float32 output in bf16
+            x = x.to(self.w1.dtype)
         h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))
         return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
 
