@@ -216,7 +216,10 @@ def optimizer_groups(model: torch.nn.Module, cfg: DictConfig) -> list[dict]:
     decay, _ = weight_decay_split(model)
     decay = set(decay)
     router = router_parameter_names(model)
-    lr_mult = float(cfg.router.get("lr_mult", 1.0) or 1.0)
+    lr_mult = cfg.router.get("lr_mult")
+    # null means "as the rest"; 0 is a frozen router (lr 0, so AdamW's decoupled decay, lr * wd, is 0 too),
+    # not "unset": `or 1.0` here once trained it at the full rate.
+    lr_mult = 1.0 if lr_mult is None else float(lr_mult)
     groups: dict[tuple[bool, bool], dict] = {}
     for name, p in model.named_parameters():
         key = (name in decay, name in router and lr_mult != 1.0)
