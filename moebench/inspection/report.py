@@ -124,14 +124,13 @@ def test_image(data, index: int) -> np.ndarray:
 
 def _slice(routing, n: int):
     if isinstance(routing, SoftRouting):
-        return SoftRouting(routing.dispatch[:n], routing.combine[:n], routing.slots_per_expert)
+        return routing.take(n)
     return SparseRouting(*(getattr(routing, f)[:n] for f in ("gates", "requested", "processed", "weights")))
 
 
 def _concat(parts: list):
     if isinstance(parts[0], SoftRouting):
-        return SoftRouting(torch.cat([p.dispatch for p in parts]), torch.cat([p.combine for p in parts]),
-                           parts[0].slots_per_expert)
+        return SoftRouting.concat(parts)
     return SparseRouting(*(torch.cat([getattr(p, f) for p in parts])
                            for f in ("gates", "requested", "processed", "weights")))
 

@@ -1,12 +1,14 @@
-"""What each MoE layer of a trained model did with a batch, recomputed from its input and parameters.
+"""What each MoE layer of a trained model did with a batch, from its input and parameters.
 
 The layers keep only summary metrics after a forward (and none in eval mode),
-so the per-token routing is recomputed here: a forward hook captures each MoE
-layer's input (the block's LayerNorm output) and its output, and the routing
-is rebuilt from the layer's own parameters, in float32 and in eval mode (no
-gate noise), the way the layer routes. ``rebuild_output`` then turns the
-recomputed routing back into the layer's output; it matching the captured
-output is the evidence that the pictures show what the model did.
+so the per-token routing is computed again here: a forward hook captures each
+MoE layer's input (the block's LayerNorm output) and its output. Soft MoE's
+routing is the layer's own (``SoftMoE.routing``, what its forward computes
+with); the sparse routers' is rebuilt from the layer's parameters, in float32
+and in eval mode (no gate noise), the way the layer routes.
+``rebuild_output`` then turns the routing back into the layer's output; it
+matching the captured output is the evidence that the pictures show what the
+model did.
 
 Sparse routers route groups of ``group_size`` consecutive examples of a
 batch, so an image's routing depends on its batch neighbours: feed batches cut
@@ -22,19 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..moe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, position_in_expert
-from ..moe.soft import l2_normalize
+from ..moe.soft import SoftRouting
 
 ROUTED = (SoftMoE, TokensChoiceMoE, ExpertsChoiceMoE)
-
-
-@dataclass
-class SoftRouting:
-    dispatch: torch.Tensor  # (B, m, S): for each slot, a distribution over the m tokens (sums to 1 over dim 1)
-    combine: torch.Tensor  # (B, m, S): for each token, a distribution over the S slots (sums to 1 over dim 2)
-    slots_per_expert: int
-
-    def expert_of_slot(self, slot: torch.Tensor) -> torch.Tensor:
-        return slot // self.slots_per_expert
 
 
 @dataclass
@@ -69,35 +61,12 @@ def capture(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
 @torch.no_grad()
 def route(layer: torch.nn.Module, x: torch.Tensor) -> SoftRouting | SparseRouting:
     if isinstance(layer, SoftMoE):
-        return soft_routing(layer, x)
+        return layer.routing(x)  # the layer's own: what forward computes with
     if isinstance(layer, TokensChoiceMoE):
         return _grouped(layer, x, _tokens_choice)
     if isinstance(layer, ExpertsChoiceMoE):
         return _grouped(layer, x, _experts_choice)
     raise TypeError(f"no routing to recompute for {type(layer).__name__}")
-
-
-def soft_routing(layer: SoftMoE, x: torch.Tensor) -> SoftRouting:
-    batch, m, dim = x.shape
-    slots = layer.num_slots
-    x32 = x.float()
-    logits = None
-    if "soft" in (layer.dispatch, layer.combine):
-        phi = layer.phi.float().reshape(dim, slots)
-        xn = x32
-        if layer.normalize:
-            xn, phi = l2_normalize(x32, -1), l2_normalize(phi, 0)
-        logits = xn @ (phi * layer.scale.float())
-
-    def weights(mode: str, softmax_dim: int, uniform: float) -> torch.Tensor:
-        if mode == "soft":
-            return logits.softmax(dim=softmax_dim)
-        if mode == "uniform":
-            return x32.new_full((batch, m, slots), uniform)
-        return torch.eye(m, slots, device=x.device).expand(batch, m, slots)  # identity: slot i <-> token i
-
-    return SoftRouting(weights(layer.dispatch, 1, 1.0 / m), weights(layer.combine, -1, 1.0 / slots),
-                       layer.slots_per_expert)
 
 
 def _grouped(layer, x: torch.Tensor, assign) -> SparseRouting:
@@ -154,7 +123,8 @@ def rebuild_output(layer: torch.nn.Module, x: torch.Tensor, routing: SoftRouting
     x32 = x.float()
     if isinstance(routing, SoftRouting):
         n, p = layer.num_experts, layer.slots_per_expert
-        slot_in = routing.dispatch.transpose(1, 2) @ x32
+        # From the weight matrices the pictures show (not the layer's shortcuts for uniform/identity).
+        slot_in = routing.dispatch.transpose(1, 2) @ (routing.tokens if routing.tokens is not None else x32)
         expert_in = slot_in.reshape(batch, n, p, dim).transpose(0, 1).reshape(n, batch * p, dim)
         slot_out = layer.experts(expert_in).float().reshape(n, batch, p, dim).transpose(0, 1).reshape(batch, n * p, dim)
         return routing.combine @ slot_out
