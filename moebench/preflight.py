@@ -25,7 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
-from . import checkpoint, schema, search, upcycle
+from . import checkpoint, resolvers, schema, search, upcycle
 from .errors import ConfigError
 
 PASSTHROUGH_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "experimental_rerun")
@@ -56,6 +56,7 @@ def quote(value: str) -> str:
 
 def prepare(args: list[str], config_dir: str, validate=None) -> Command:
     """Check ``args`` and return the argv to give Hydra. Raises UserError (one line) when they are wrong."""
+    resolvers.register()  # Hydra's keys (run and sweep dirs) interpolate ${moebench_now:}
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             parsed_args = get_args_parser().parse_args(args)

@@ -9,7 +9,6 @@ preempted, diverged or failed: status.py). ``train_and_measure`` is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, cost, distributed, faults, preflight, schema, search, status
+from . import checkpoint, cost, distributed, faults, preflight, resolvers, schema, search, status
 from . import upcycle  # init_from: sparse upcycling from a dense run
 from .checkpoint import check_resume_config, checkpoint_path, flatten, load_checkpoint  # noqa: F401 (API)
 from .data import DataError, Loader, load_data
@@ -40,6 +39,7 @@ from .moe import count_parameters, expert_parallel_parameters, shard_experts
 from .moe.decay import weight_decay_split
 from .preemption import DEFAULT_SIGNALS, StopRequest
 from .progress import TrainProgress, announce_run, print_summary
+from .resolvers import dirname_label  # noqa: F401 (API: tests)
 from .tracking import RunRecorder, atomic_torch_save, run_name, sweep_group
 from .vit import ViT, moe_block_indices
 from . import probe  # eval.probe: few-shot probes after training
@@ -871,20 +871,6 @@ def resolved_or_raw(cfg: DictConfig) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
-def dirname_label(override_dirname: str, limit: int = 120) -> str:
-    """A sweep job's dir label: its overrides, one path component (no "/"), shortened
-    with a hash past ``limit`` characters (file names stop at 255)."""
-    override_dirname = override_dirname.replace("/", "_")
-    if len(override_dirname) <= limit:
-        return override_dirname or "default"
-    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
-    return f"{override_dirname[:limit].rsplit(',', 1)[0]},...{digest}"
-
-
-OmegaConf.register_new_resolver("moebench_label", dirname_label, replace=True)
-OmegaConf.register_new_resolver("moebench_now", distributed.run_stamp, replace=True)  # one stamp for all ranks
-
-
 def conf_dir() -> str:
     """conf/ ships inside the installed package as moebench/conf; in a source
     checkout (editable install) it is the repository's top-level conf/."""
@@ -904,6 +890,7 @@ def _hydra_main(cfg: DictConfig) -> list[float] | None:
 def main(args: list[str]) -> int:
     """Run the Hydra app with ``args`` as its command line; returns the exit code (status.py)."""
     global COMMAND
+    resolvers.register()  # conf/train.yaml's ${moebench_*:} (process-wide, so not on import)
     status.clear()
     STARTUP_STOP.signum = None
     extra = distributed.setup()  # under torchrun: join the ranks first

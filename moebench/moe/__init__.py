@@ -22,15 +22,16 @@ and slots: do they diverge?)::
 In eval mode nothing is computed (aux_loss is 0, no statistics) unless
 tracking is ``True``.
 
-Importing this package tunes glibc's allocator for the process (freed memory
-is kept for reuse instead of being unmapped and page-faulted in again: up to
-2x on the weight gradients of hundreds of experts; see ``moebench.allocator``).
-The process then keeps its peak memory reserved. Set the environment variable
-MOEBENCH_MALLOC_TUNING=0 before importing to opt out; ``ALLOCATOR_TUNED``
-says whether it applied.
+Importing this package changes nothing global. On Linux/glibc,
+``tune_cpu_allocator()`` makes the process keep freed memory for reuse instead
+of unmapping it and page-faulting it in again (up to 2x on the weight gradients
+of hundreds of experts; see ``moebench.allocator``); the process then keeps its
+peak memory reserved. The ``moebench`` command calls it; call it yourself for
+the same speed (``MOEBENCH_MALLOC_TUNING=0`` in the environment turns it into
+a no-op). It returns whether the tuning is in force.
 """
 
-from ..allocator import tune_cpu_allocator as _tune_cpu_allocator
+from ..allocator import tune_cpu_allocator
 from .base import (
     MoELayer, collect_aux_loss, collect_diagnostics, collect_metrics, count_parameters, track_routing,
 )
@@ -44,12 +45,9 @@ from .soft import SoftMoE
 from .sparse import SparseMoE
 from .tokens_choice import TokensChoiceMoE, position_in_expert
 
-ALLOCATOR_TUNED = _tune_cpu_allocator()
-
 __all__ = [
-    "ALLOCATOR_TUNED",
     "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "ShardedExperts", "SoftMoE", "SparseMoE", "TokensChoiceMoE",
     "collect_aux_loss", "collect_diagnostics", "collect_metrics", "compute_capacity", "count_parameters", "expert_parallel_parameters", "matmul_kernel_names",
     "position_in_expert",
-    "shard_experts", "track_routing", "weight_decay_split",
+    "shard_experts", "track_routing", "tune_cpu_allocator", "weight_decay_split",
 ]
