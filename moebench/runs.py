@@ -66,7 +66,7 @@ def _shapes(state: dict, path: Path) -> tuple[int, int]:
 
 def load_run(run_dir: str | Path, checkpoint: str = "last.pt", device: str | torch.device = "cpu") -> LoadedRun:
     """The model of ``run_dir`` with the weights of ``checkpoint`` (a file name in the run dir)."""
-    from .train import build_model  # the one place that turns a config into a model
+    from .build import build_model  # the one place that turns a config into a model
 
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():

@@ -3,7 +3,7 @@
 conf/ stays the single source of defaults and of which keys exist; this module
 says what each value may be. Keys it does not list take the type of their
 default in conf/ (an int stays an int, a bool a bool...). Cross-key rules
-(k <= experts, divisibility by the number of processes...) are ``train.validate``'s.
+(k <= experts, divisibility by the number of processes...) are ``build.validate``'s.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ SCHEMA: dict[str, Spec] = {
     "data.augment.randaugment_ops": Int(1, nullable=True), "data.augment.mixup": Positive(nullable=True),
     "data.augment.cutmix": Positive(nullable=True),
     # model
-    # (null: the timm model's own value under model=timm; train.validate refuses it for moebench's ViT)
+    # (null: the timm model's own value under model=timm; build.validate refuses it for moebench's ViT)
     "model.name": STR, "model.patch_size": Int(1, nullable=True), "model.dim": Int(1, nullable=True),
     "model.depth": Int(1, nullable=True), "model.heads": Int(1, nullable=True),
     "model.mlp_dim": Int(1, nullable=True), "model.pool": Choice("gap", "cls", nullable=True),

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from moebench.data import channel_stats, load_data
 from moebench.moe.decay import weight_decay_split
-from moebench.train import build_model, conf_dir, make_optimizer, optimizer_record
+from moebench.build import build_model, conf_dir, make_optimizer, optimizer_record
 
 ROUTERS = ("soft", "tokens_choice", "experts_choice", "dense")
 

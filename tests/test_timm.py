@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from moebench import cost
 from moebench.errors import ConfigError
 from moebench.moe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, weight_decay_split
-from moebench.train import build_model, conf_dir, validate
+from moebench.build import build_model, conf_dir, validate
 
 from test_cli import ENV, moebench
 

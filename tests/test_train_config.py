@@ -10,7 +10,9 @@ from hydra import compose, initialize_config_dir
 
 from moebench.errors import ConfigError
 from moebench.moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
-from moebench.train import build_model, conf_dir, dirname_label, lr_factor, validate
+from moebench.build import build_model, conf_dir, validate
+from moebench.resolvers import dirname_label
+from moebench.train import lr_factor
 
 
 def compose_cfg(*overrides: str):

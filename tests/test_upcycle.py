@@ -15,7 +15,7 @@ from torch import nn
 from moebench import pareto, preflight, upcycle
 from moebench.errors import CheckpointError, UserError
 from moebench.moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
-from moebench.train import build_model, conf_dir, validate
+from moebench.build import build_model, conf_dir, validate
 
 from test_cli import moebench, result
 
