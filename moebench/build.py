@@ -16,41 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 from . import distributed, timm_backbone
 from .data import load_data
 from .errors import ConfigError
-from .moe import DenseMLP, ExpertsChoiceMoE, MoELayer, SoftMoE, TokensChoiceMoE
+from .moe import MoELayer, registry
 from .moe.decay import weight_decay_split
 from .vit import ViT, moe_block_indices
-
-ROUTERS = {"soft": SoftMoE, "tokens_choice": TokensChoiceMoE, "experts_choice": ExpertsChoiceMoE, "dense": DenseMLP}
 
 
 def validate(cfg: DictConfig) -> None:
     """Reject bad values with one line naming the key and what is allowed."""
     r = cfg.router
-    if r.name not in ROUTERS:
-        raise ConfigError(f"router.name={r.name!r} is unknown; allowed: {', '.join(ROUTERS)}")
-    if r.name == "dense" and not r.get("mlp_mult", 1) > 0:
-        raise ConfigError(f"router.mlp_mult must be > 0, got {r.mlp_mult}")
-    if r.name != "dense":
-        if r.num_experts < 1:
-            raise ConfigError(f"experts (router.num_experts) must be >= 1, got {r.num_experts}")
-    if r.name == "soft":
-        if r.slot_factor is None and r.slots_per_expert < 1:
-            raise ConfigError(f"slots (router.slots_per_expert) must be >= 1, got {r.slots_per_expert}")
-        if r.slot_factor is not None and r.slot_factor <= 0:
-            raise ConfigError(f"router.slot_factor must be > 0, got {r.slot_factor}")
-        for key in ("dispatch", "combine"):
-            if r[key] not in ("soft", "uniform", "identity"):
-                raise ConfigError(f"router.{key}={r[key]!r} is unknown; allowed: soft, uniform, identity")
-    if r.name == "tokens_choice" and not 1 <= r.k <= r.num_experts:
-        raise ConfigError(f"k (router.k) must be in [1, experts={r.num_experts}], got {r.k}")
-    if r.name in ("tokens_choice", "experts_choice"):
-        if r.capacity_factor <= 0:
-            raise ConfigError(f"capacity_factor (router.capacity_factor) must be > 0, got {r.capacity_factor}")
-        if r.group_size < 1:
-            raise ConfigError(f"router.group_size must be >= 1, got {r.group_size}")
-        rounding = r.capacity_rounding
-        if rounding not in ("ceil", "round") and not (isinstance(rounding, int) and rounding >= 1):
-            raise ConfigError(f"router.capacity_rounding={rounding!r}; allowed: ceil, round or an int >= 1")
+    router = router_of(cfg)
+    problem = router.check(router_options(cfg))  # the router's own cross-key rules (its module's)
+    if problem:
+        raise ConfigError(problem)
     m = cfg.model
     own_vit = not timm_backbone.is_timm(cfg)  # model=timm: timm_backbone.validate checks the model
     null = [key for key in ("patch_size", "dim", "depth", "heads", "mlp_dim", "pool") if m.get(key) is None]
@@ -81,67 +58,63 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.batch_size % world:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) must be divisible "
                           f"by the {world} processes")
-    if cfg.expert_parallel and r.name != "dense" and r.num_experts % world:
+    if cfg.expert_parallel and router.routed and r.num_experts % world:
         raise ConfigError(f"expert_parallel=true needs experts ({r.num_experts}) divisible by the {world} processes")
     if cfg.threads not in (None, "auto") and not (isinstance(cfg.threads, int) and cfg.threads >= 1):
         raise ConfigError(f"threads={cfg.threads!r}; allowed: auto or an int >= 1")
 
 
-def moe_blocks(cfg: DictConfig) -> list[int]:
-    if cfg.router.name == "dense":
-        return []
+def router_of(cfg: DictConfig) -> registry.Router:
+    """The registered router ``cfg.router.name`` names (ConfigError naming the known ones otherwise)."""
+    try:
+        return registry.get(cfg.router.name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def router_options(cfg: DictConfig) -> dict:
+    """The router's layer options: every key of ``cfg.router`` but its name and the optimizer's lr_mult."""
+    return {key: value for key, value in OmegaConf.to_container(cfg.router, resolve=True).items()
+            if key not in ("name", "lr_mult")}
+
+
+def replaced_blocks(cfg: DictConfig) -> list[int]:
+    """The blocks whose MLP an MoE layer replaces (model.moe), whether or not this router routes."""
     moe = cfg.model.moe
     layers = list(moe.layers) if moe.layers is not None else None
     depth = timm_backbone.depth(cfg) if timm_backbone.is_timm(cfg) else cfg.model.depth
     return moe_block_indices(depth, moe.placement, moe.n, layers)
 
 
+def moe_blocks(cfg: DictConfig) -> list[int]:
+    """The blocks with a routed MoE layer (none for the dense baseline)."""
+    return replaced_blocks(cfg) if router_of(cfg).routed else []
+
+
 def build_model(cfg: DictConfig, in_chans: int, num_classes: int,
                 load_pretrained: bool = True) -> torch.nn.Module:
     """``load_pretrained=False``: the weights come from a checkpoint next, so model=timm's
     ``model.pretrained`` downloads nothing."""
+    make = router_layer(cfg)
     if timm_backbone.is_timm(cfg):
-        return timm_backbone.build(cfg, in_chans, num_classes, router_layer(cfg), load_pretrained=load_pretrained)
-    m, r = cfg.model, cfg.router
-    # Every router key is a constructor argument of its layer, but for the optimizer's.
-    kwargs = {key: value for key, value in OmegaConf.to_container(r, resolve=True).items()
-              if key not in ("name", "lr_mult")}
+        return timm_backbone.build(cfg, in_chans, num_classes, make, load_pretrained=load_pretrained)
+    m = cfg.model
     num_tokens = (cfg.data.image_size // m.patch_size) ** 2 + (m.pool == "cls")
-    if r.name == "soft":
-        kwargs["num_tokens"] = num_tokens
-
-    blocks = moe_blocks(cfg)
-    if r.name == "dense" and kwargs.get("mlp_mult", 1) != 1:
-        # A capacity control: the blocks an MoE would replace get a wider dense MLP instead.
-        moe = m.moe
-        blocks = moe_block_indices(m.depth, moe.placement, moe.n, list(moe.layers) if moe.layers is not None else None)
-
-    def make_moe(_: int) -> torch.nn.Module:
-        if r.name == "dense":
-            return DenseMLP(m.dim, round(m.mlp_dim * kwargs.get("mlp_mult", 1)))
-        return ROUTERS[r.name](m.dim, m.mlp_dim, **kwargs)
-
+    router = router_of(cfg)
+    # An unrouted layer that still replaces blocks is a capacity control (dense router.mlp_mult != 1).
+    blocks = replaced_blocks(cfg) if router.routed or router.replaces_blocks(router_options(cfg)) else []
     return ViT(
         image_size=cfg.data.image_size, patch_size=m.patch_size, in_chans=in_chans, num_classes=num_classes,
         dim=m.dim, depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, pool=m.pool,
-        moe_blocks=blocks, make_moe=make_moe,
+        moe_blocks=blocks, make_moe=lambda _: make(m.dim, m.mlp_dim, num_tokens),
     )
 
 
 def router_layer(cfg: DictConfig):
     """``make(dim, hidden_dim, num_tokens)``: the MLP replacement of one MoE block as ``cfg.router`` says
     (model=timm: its sizes come from the timm model)."""
-    r = cfg.router
-    kwargs = {key: value for key, value in OmegaConf.to_container(r, resolve=True).items()
-              if key not in ("name", "lr_mult")}
-
-    def make(dim: int, hidden_dim: int, num_tokens: int) -> torch.nn.Module:
-        if r.name == "dense":
-            return DenseMLP(dim, round(hidden_dim * kwargs.get("mlp_mult", 1)))
-        extra = {"num_tokens": num_tokens} if r.name == "soft" else {}
-        return ROUTERS[r.name](dim, hidden_dim, **kwargs, **extra)
-
-    return make
+    router, options = router_of(cfg), router_options(cfg)
+    return lambda dim, hidden_dim, num_tokens: router.build(dim, hidden_dim, num_tokens, dict(options))
 
 
 def load_cfg_data(cfg: DictConfig):

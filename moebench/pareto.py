@@ -1,6 +1,7 @@
 """Cost/quality Pareto frontiers over finished runs: files, terminal tables, a W&B run.
 
-Reads run records (``result.json``) only; it never imports the training code.
+Reads run records (``result.json``) only; it never imports the training code (arm labels come from
+the routers' own descriptions, moe/registry.py).
 Used by ``moebench pareto PATH...`` and by ``ParetoCallback`` at the end of
 every ``-m`` sweep.
 
@@ -32,6 +33,7 @@ from typing import Callable
 from hydra.experimental.callback import Callback
 
 from . import distributed, report
+from .moe import registry
 from .schema import flatten
 from .tracking import atomic_write_json, sweep_group
 
@@ -82,7 +84,6 @@ NEUTRAL_KEYS = (
 # (model.moe) belongs to the router design, so it varies between arms of one setup.
 SETUP_KEYS = ("data", "model", "train", "precision", "compile")
 ARM_ONLY_KEYS = ("model.moe",)
-ROUTER_MARKERS = {"soft": "o", "tokens_choice": "s", "experts_choice": "^", "dense": "D"}
 
 
 class ParetoError(Exception):
@@ -201,28 +202,14 @@ class Run:
 
     @property
     def label(self) -> str:
-        router = self.get("router.name") or "?"
-        parts = {
-            "soft": [f"E{self.get('router.num_experts')}", f"p{self.get('router.slots_per_expert')}"],
-            "tokens_choice": [f"E{self.get('router.num_experts')}", f"k{self.get('router.k')}",
-                              f"C{self.get('router.capacity_factor')}"] + ([] if self.get("router.bpr") else ["noBPR"]),
-            "experts_choice": [f"E{self.get('router.num_experts')}", f"C{self.get('router.capacity_factor')}"],
-        }.get(router, [])
-        if router == "soft" and (self.get("router.dispatch"), self.get("router.combine")) != ("soft", "soft"):
-            parts.append(f"{self.get('router.dispatch')}/{self.get('router.combine')}")
-        # Knobs of the recipes' control arms, named when off their defaults; arms that still share a
-        # label get the differing keys appended (arm_labels).
-        if router == "soft" and self.get("router.scale_init") not in (None, 1, 1.0):
-            parts.append(f"scale{self.get('router.scale_init'):g}")
-        if router == "soft" and self.get("router.identical_init") is False:
-            parts.append("indep-init")
-        if router == "soft" and self.get("router.dispatch_normalized"):
-            parts.append("normed-dispatch")
-        if router == "dense" and self.get("router.mlp_mult") not in (None, 1, 1.0):
-            parts.append(f"MLPx{self.get('router.mlp_mult'):g}")
+        """The router's name and its own label words (moe/registry.py: Router.label); arms that still
+        share a label get the differing keys appended (arm_labels)."""
+        name = self.get("router.name") or "?"
+        router = registry.find(name)
+        parts = router.label(lambda key: self.get(f"router.{key}")) if router else []
         if self.get("init_from"):  # started from a dense run's checkpoint
-            parts.append("continued" if router == "dense" else "upcycled")
-        return " ".join([router, *parts])
+            parts.append("upcycled" if router is None or router.routed else "continued")
+        return " ".join([name, *parts])
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -510,11 +497,9 @@ def _arm_styles(arms: list[dict]) -> dict[str, tuple]:
 
     palette = list(matplotlib.colormaps["tab10"].colors) + list(matplotlib.colormaps["Dark2"].colors) \
         + list(matplotlib.colormaps["Set1"].colors)
-    labels = sorted(dict.fromkeys(arm["label"] for arm in arms),
-                    key=lambda label: (list(ROUTER_MARKERS).index(label.split()[0]) if label.split()[0]
-                                       in ROUTER_MARKERS else 9, label))
-    routers = {arm["label"]: arm["router"] for arm in arms}
-    return {label: (palette[i % len(palette)], ROUTER_MARKERS.get(routers[label], "P"))
+    routers = {arm["label"]: registry.find(arm["router"]) for arm in arms}
+    labels = sorted(routers, key=lambda label: (routers[label].order if routers[label] else 9, label))
+    return {label: (palette[i % len(palette)], routers[label].marker if routers[label] else "P")
             for i, label in enumerate(labels)}
 
 

@@ -1,7 +1,7 @@
 """The typed schema of the train config: every value's type and range, checked before any work.
 
 conf/ stays the single source of defaults and of which keys exist; this module
-says what each value may be. Keys it does not list take the type of their
+says what each value may be (a router's options: its module, moe/registry.py). Keys it does not list take the type of their
 default in conf/ (an int stays an int, a bool a bool...). Cross-key rules
 (k <= experts, divisibility by the number of processes...) are ``build.validate``'s.
 """
@@ -120,13 +120,9 @@ SCHEMA: dict[str, Spec] = {
     "model.moe.n": Int(0, nullable=True), "model.moe.layers": Spec("list", item="int", nullable=True),
     "model.backbone": Choice("timm"), "model.img_size": Int(1), "model.drop_path": Float(0, high=1),
     "model.pretrained_file": Spec("str", nullable=True),
-    # router (the shortcut keys are checked where a router uses them)
-    "router.num_experts": Int(1), "router.slots_per_expert": Int(1), "router.slot_factor": Positive(nullable=True),
-    "router.k": Int(1), "router.capacity_factor": Positive(), "router.group_size": Int(1),
-    "router.noise_std": Float(0), "router.capacity_rounding": ROUNDING, "router.lr_mult": Float(0),
-    "router.dispatch": Choice("soft", "uniform", "identity"), "router.combine": Choice("soft", "uniform", "identity"),
-    "router.importance_weight": Float(0), "router.load_weight": Float(0), "router.switch_weight": Float(0),
-    "router.z_loss_weight": Float(0), "router.dispatch_normalized": Spec("bool", nullable=True),
+    # router: every router's own options are its module's (moe/registry.py: Router.options, router_spec);
+    # the shortcut keys are checked where a router uses them
+    "router.name": STR, "router.lr_mult": Float(0),
     "search.objectives": Spec("list", item="str"),  # names: search.check
 }
 SHORTCUTS = {"router.num_experts": "experts", "router.slots_per_expert": "slots", "router.k": "k",
@@ -160,6 +156,14 @@ def inferred(default) -> Spec | None:
     return None  # null default: anything
 
 
+def router_spec(key: str, config: dict) -> Spec | None:
+    """The spec of ``router.<option>`` as the config's router (moe/registry.py) declares it."""
+    from .moe import registry  # the routers' modules use this module's specs: import at call time
+
+    router = registry.find((config.get("router") or {}).get("name"))
+    return router.options.get(key.split(".", 1)[1]) if router and key.startswith("router.") else None
+
+
 def label(key: str) -> str:
     return f"{SHORTCUTS[key]} ({key})" if key in SHORTCUTS else key
 
@@ -174,7 +178,7 @@ def check(config: dict, defaults: dict | None = None) -> None:
     for key, value in flat.items():
         if key.split(".")[0] in UNCHECKED:
             continue
-        spec = SCHEMA.get(key) or inferred(base.get(key))
+        spec = SCHEMA.get(key) or router_spec(key, config) or inferred(base.get(key))
         if spec is not None and not spec.accepts(value):
             raise ConfigError(f"{label(key)} must be {spec.allowed()}, got {value!r}")
 

@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, cost, distributed, faults, preflight, resolvers, schema, search, status
 from . import upcycle  # init_from: sparse upcycling from a dense run
-from .build import build_model, conf_dir, load_cfg_data, make_optimizer, moe_blocks, optimizer_record, validate
+from .build import build_model, conf_dir, load_cfg_data, make_optimizer, moe_blocks, optimizer_record, router_of
+from .build import router_options, validate
 from .checkpoint import check_resume_config, checkpoint_path, flatten, load_checkpoint  # noqa: F401 (API)
 from .data import DataError, Loader
 from .errors import CheckpointError, ConfigError, RecordError, UserError
@@ -241,11 +242,10 @@ def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> Ru
             # (DDP's own way to exclude parameters; a private helper, so pinned by the torchrun tests)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 model, [name for name, p in model.named_parameters() if id(p) in sharded_ids])
-        r = cfg.router
-        no_slot_logits = r.name == "soft" and "soft" not in (r.dispatch, r.combine)  # phi unused (Table 2 arms)
+        unused = router_of(cfg).unused_parameters(router_options(cfg))  # e.g. Soft MoE's phi in Table 2 arms
         run.train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=no_slot_logits,
+            find_unused_parameters=unused,
         )
     if cfg.compile:
         run.train_model = torch.compile(run.train_model)

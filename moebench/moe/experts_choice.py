@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .capacity import Rounding, compute_capacity
-from .sparse import SparseMoE, flat_token_index
+from .registry import Router, register
+from .sparse import GROUPED_OPTIONS, SparseMoE, check_grouped, flat_token_index
 
 
 class ExpertsChoiceMoE(SparseMoE):
@@ -80,3 +81,18 @@ class ExpertsChoiceMoE(SparseMoE):
                 "gate_entropy": self.gate_entropy(states),
             }
         return states[0]["gates"].new_zeros(()), metrics
+
+
+def _check(r) -> str | None:
+    if r["num_experts"] < 1:
+        return f"experts (router.num_experts) must be >= 1, got {r['num_experts']}"
+    return check_grouped(r)
+
+
+register(Router(
+    name="experts_choice",
+    build=lambda dim, hidden_dim, num_tokens, options: ExpertsChoiceMoE(dim, hidden_dim, **options),
+    options=GROUPED_OPTIONS,
+    label=lambda get: [f"E{get('num_experts')}", f"C{get('capacity_factor')}"],
+    check=_check, marker="^", order=2,
+))

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..schema import BOOL, Choice, Float, Int, Positive, Spec
 from .base import MoELayer
 from .experts import Experts
 from .metrics import mean_entropy, mean_pairwise_cosine
 from .precision import as_float32, routing_precision
+from .registry import Router, register
 
 MODES = ("soft", "uniform", "identity")
 
@@ -226,3 +228,42 @@ BATCHED = ("dispatch", "combine", "tokens")
 def _weight_stats(prefix: str, weights: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
     """Mean max weight and mean entropy of the distributions along ``dim``."""
     return {f"{prefix}_max": weights.amax(dim).mean(), f"{prefix}_entropy": mean_entropy(weights, dim)}
+
+
+def _check(r) -> str | None:
+    if r["num_experts"] < 1:
+        return f"experts (router.num_experts) must be >= 1, got {r['num_experts']}"
+    if r.get("slot_factor") is None and r["slots_per_expert"] < 1:
+        return f"slots (router.slots_per_expert) must be >= 1, got {r['slots_per_expert']}"
+    if r.get("slot_factor") is not None and r["slot_factor"] <= 0:
+        return f"router.slot_factor must be > 0, got {r['slot_factor']}"
+    for key in ("dispatch", "combine"):
+        if r[key] not in MODES:
+            return f"router.{key}={r[key]!r} is unknown; allowed: {', '.join(MODES)}"
+    return None
+
+
+def _label(get) -> list[str]:
+    parts = [f"E{get('num_experts')}", f"p{get('slots_per_expert')}"]
+    if (get("dispatch"), get("combine")) != ("soft", "soft"):
+        parts.append(f"{get('dispatch')}/{get('combine')}")
+    # Knobs of the recipes' control arms, named when off their defaults.
+    if get("scale_init") not in (None, 1, 1.0):
+        parts.append(f"scale{get('scale_init'):g}")
+    if get("identical_init") is False:
+        parts.append("indep-init")
+    if get("dispatch_normalized"):
+        parts.append("normed-dispatch")
+    return parts
+
+
+register(Router(
+    name="soft",
+    build=lambda dim, hidden_dim, num_tokens, options: SoftMoE(dim, hidden_dim, **options, num_tokens=num_tokens),
+    options={"num_experts": Int(1), "slots_per_expert": Int(1), "slot_factor": Positive(nullable=True),
+             "normalize": BOOL, "scale_init": Float(), "identical_init": BOOL,
+             "dispatch": Choice(*MODES), "combine": Choice(*MODES), "dispatch_normalized": Spec("bool", nullable=True)},
+    label=_label, check=_check,
+    unused_parameters=lambda options: "soft" not in (options["dispatch"], options["combine"]),  # phi unused
+    marker="o", order=0,
+))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..schema import BOOL, ROUNDING, Float, Int, Positive
 from .base import MoELayer
 from .capacity import Rounding, compute_capacity
 from .experts import Experts
@@ -135,4 +136,21 @@ def flat_token_index(groups: int, group_tokens: int, device) -> torch.Tensor:
     return torch.arange(groups, device=device).view(groups, 1, 1) * group_tokens
 
 
-__all__ = ["SparseMoE", "compute_capacity", "flat_token_index"]
+# The options Tokens and Experts Choice share (their config schema; registry.Router.options).
+GROUPED_OPTIONS = {"num_experts": Int(1), "capacity_factor": Positive(), "group_size": Int(1), "noise_std": Float(0),
+                   "capacity_rounding": ROUNDING, "identical_init": BOOL}
+
+
+def check_grouped(r) -> str | None:
+    """The cross-key rules both share (registry.Router.check)."""
+    if r["capacity_factor"] <= 0:
+        return f"capacity_factor (router.capacity_factor) must be > 0, got {r['capacity_factor']}"
+    if r["group_size"] < 1:
+        return f"router.group_size must be >= 1, got {r['group_size']}"
+    rounding = r["capacity_rounding"]
+    if rounding not in ("ceil", "round") and not (isinstance(rounding, int) and rounding >= 1):
+        return f"router.capacity_rounding={rounding!r}; allowed: ceil, round or an int >= 1"
+    return None
+
+
+__all__ = ["GROUPED_OPTIONS", "SparseMoE", "check_grouped", "compute_capacity", "flat_token_index"]

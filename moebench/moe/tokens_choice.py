@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..schema import BOOL, Float, Int, Positive
 from .capacity import Rounding, compute_capacity
 from .metrics import cv_squared, load_stats
-from .sparse import SparseMoE, flat_token_index
+from .registry import Router, register
+from .sparse import GROUPED_OPTIONS, SparseMoE, check_grouped
 
 
 def position_in_expert(choices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -183,3 +185,24 @@ class TokensChoiceMoE(SparseMoE):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, bpr={self.bpr}, " + super().extra_repr()
+
+
+def _check(r) -> str | None:
+    if r["num_experts"] < 1:
+        return f"experts (router.num_experts) must be >= 1, got {r['num_experts']}"
+    if not 1 <= r["k"] <= r["num_experts"]:
+        return f"k (router.k) must be in [1, experts={r['num_experts']}], got {r['k']}"
+    return check_grouped(r)
+
+
+def _label(get) -> list[str]:
+    return [f"E{get('num_experts')}", f"k{get('k')}", f"C{get('capacity_factor')}"] + ([] if get("bpr") else ["noBPR"])
+
+
+register(Router(
+    name="tokens_choice",
+    build=lambda dim, hidden_dim, num_tokens, options: TokensChoiceMoE(dim, hidden_dim, **options),
+    options={**GROUPED_OPTIONS, "k": Int(1), "bpr": BOOL, "importance_weight": Float(0), "load_weight": Float(0),
+             "switch_weight": Float(0), "z_loss_weight": Float(0), "capacity_factor": Positive()},
+    label=_label, check=_check, marker="s", order=1,
+))
