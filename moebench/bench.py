@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .allocator import allocator_tuning_applied
-from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, track_routing
+from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, registry, track_routing
 from .moe.experts import Experts
 
 PEER_EXPERTS = (8, 64, 256)
@@ -170,6 +170,9 @@ def training_specs(experts: list[int], tokens: int, peers: dict,
                 TokensChoiceMoE(d, h, e, k=1, capacity_factor=1.0, noise_std=0.0), "train"))
             specs[f"experts_choice_tracked/E={e}"] = ("experts_choice_tracked", e, lambda d, h, e=e: track_routing(
                 ExpertsChoiceMoE(d, h, e, capacity_factor=1.0, group_size=8), "train"))
+    for router in registry.routers():  # routers that declare their own cases (plugins): one per expert count
+        for e in experts if router.bench else ():
+            specs.update({name: (router.name, e, factory) for name, factory in router.bench(e, tokens).items()})
     for e in PEER_EXPERTS:
         if e not in experts:
             continue

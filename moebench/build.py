@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed, timm_backbone
+from . import distributed, plugins, timm_backbone
 from .data import load_data
 from .errors import ConfigError
 from .moe import MoELayer, registry
@@ -66,6 +66,8 @@ def validate(cfg: DictConfig) -> None:
 
 def router_of(cfg: DictConfig) -> registry.Router:
     """The registered router ``cfg.router.name`` names (ConfigError naming the known ones otherwise)."""
+    if registry.find(cfg.router.name) is None:
+        plugins.load()  # a job in a launcher's worker process: the command's plugins are not imported there
     try:
         return registry.get(cfg.router.name)
     except ValueError as err:

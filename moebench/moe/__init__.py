@@ -22,6 +22,13 @@ and slots: do they diverge?)::
 In eval mode nothing is computed (aux_loss is 0, no statistics) unless
 tracking is ``True``.
 
+Each routed layer says what it dispatches where with ``layer.routing(x)``
+(``SoftRouting`` or ``SparseRouting``: what `moebench inspect` draws), and
+each router's module registers a ``Router`` (``registry``): its layer builder,
+option schema, cross-key rules and arm label, all moebench's harness needs to
+train, aggregate, inspect and bench it. A new router is one module that
+defines its layer and calls ``register``.
+
 Importing this package changes nothing global. On Linux/glibc,
 ``tune_cpu_allocator()`` makes the process keep freed memory for reuse instead
 of unmapping it and page-faulting it in again (up to 2x on the weight gradients
@@ -41,13 +48,16 @@ from .dense import DenseMLP
 from .experts import Experts
 from .experts_choice import ExpertsChoiceMoE
 from .parallel import ShardedExperts, expert_parallel_parameters, shard_experts
-from .soft import SoftMoE
-from .sparse import SparseMoE
+from . import registry  # routers by name: each router's module registers itself (registry.Router)
+from .registry import Router, register
+from .soft import SoftMoE, SoftRouting
+from .sparse import SparseMoE, SparseRouting
 from .tokens_choice import TokensChoiceMoE, position_in_expert
 
 __all__ = [
-    "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "ShardedExperts", "SoftMoE", "SparseMoE", "TokensChoiceMoE",
+    "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "Router", "ShardedExperts", "SoftMoE", "SoftRouting",
+    "SparseMoE", "SparseRouting", "TokensChoiceMoE",
     "collect_aux_loss", "collect_diagnostics", "collect_metrics", "compute_capacity", "count_parameters", "expert_parallel_parameters", "matmul_kernel_names",
-    "position_in_expert",
+    "position_in_expert", "register", "registry",
     "shard_experts", "track_routing", "tune_cpu_allocator", "weight_decay_split",
 ]

@@ -54,6 +54,17 @@ class ExpertsChoiceMoE(SparseMoE):
         state = {"flat": flat, "weight": weight, "gates": gates, "tokens": groups * m}
         return buffers.view(self.num_experts, groups * capacity, dim), state
 
+    chooser = "experts"
+
+    def assign(self, x: torch.Tensor):
+        """Per token and expert (G, m, E): gates, picked (twice: requested and processed), weights."""
+        _, m, _ = x.shape
+        _, _, gates = self.gates(x)
+        weight, token = gates.transpose(1, 2).topk(self.capacity(m), dim=-1)  # (G, E, c)
+        picked = torch.zeros_like(gates.transpose(1, 2), dtype=torch.bool).scatter_(-1, token, True).transpose(1, 2)
+        weights = torch.zeros_like(gates.transpose(1, 2)).scatter_(-1, token, weight).transpose(1, 2)
+        return gates, picked, picked, weights
+
     def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
         groups, experts, capacity = state["flat"].shape
         dim = expert_out.shape[-1]
