@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -81,7 +82,24 @@ def _scalar(value):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The lines of a metrics.jsonl; a damaged line (cut short, overwritten) is skipped with one warning."""
+    lines, damaged = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        line = line.strip().strip("\0")  # NUL bytes: a hole another writer left in the file
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            lines.append(record)
+        else:
+            damaged.append(number)
+    if damaged:
+        shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+        print(f"moebench: warning: {path}: skipped {len(damaged)} damaged line(s) ({shown})", file=sys.stderr)
+    return lines
 
 
 class RunRecorder:
@@ -103,7 +121,11 @@ class RunRecorder:
             kept = [line for line in read_metrics(self.metrics_path) if line.get("step", 0) <= resume_step]
             data = "".join(json.dumps(line) + "\n" for line in kept).encode()
             _atomic_write(self.metrics_path, lambda f: f.write(data))
-        self._file = open(self.metrics_path, "a" if resume_step is not None else "w")
+        # Only ever appended to (O_APPEND: every line lands at the end, whatever else opened the file);
+        # a fresh start truncates it first (the run dir's lock holder only: train.run_job).
+        self._file = open(self.metrics_path, "a")
+        if resume_step is None:
+            self._file.truncate(0)
         self.wandb_run = None
         if wandb_cfg and wandb_cfg.get("mode", "disabled") != "disabled":
             self.wandb_run = self._init_wandb(config, wandb_cfg)

@@ -763,13 +763,19 @@ def run_job(cfg: DictConfig) -> dict:
     outcome, error, result, skipped = status.FAILED, None, None, False
     stopper = StopRequest(cfg.train.get("preempt_signals") or DEFAULT_SIGNALS)
     stopper.signum = STARTUP_STOP.signum  # a signal while the command started: stop after the first step
+    held = False  # this process holds the run dir's lock: only then may it write there
     try:
         with stopper:
+            if ranks.is_main:  # first: a job refused here (another run holds the dir) writes nothing into it
+                try:
+                    checkpoint.lock_run_dir(run_dir)
+                except UserError:
+                    release_log_file(run_dir)  # Hydra's train.log handler: not ours to write to
+                    raise
+            held = True
             validate(cfg)
             schema.check(OmegaConf.to_container(cfg, resolve=True))
             probe.check_config(cfg)
-            if ranks.is_main:
-                checkpoint.lock_run_dir(run_dir)
             previous = previous_result(cfg, run_dir)
             if previous is not None:  # its records are already on disk
                 log.info("%s already holds this completed run: skipping it", run_dir)
@@ -808,15 +814,25 @@ def run_job(cfg: DictConfig) -> dict:
         run = state.get("run")
         if not skipped:
             status.note(str(state["run_dir"]), outcome)
-            if ranks.is_main:
+            if ranks.is_main and held:  # a job that does not hold the dir (another run does) leaves no record
                 leave_record(cfg, state, result, outcome, error)
-        if ranks.is_main:
+        if ranks.is_main and held:
             checkpoint.unlock_run_dir(state["run_dir"])
         if outcome == status.PREEMPTED:
             signum = (run.signum if run is not None and run.signum else None) or state.get("signum") or signal.SIGTERM
             if ranks.is_main:
                 announce_stop(state["run_dir"], signum, run, multirun)
             raise SystemExit(status.exit_code(status.PREEMPTED, signum))  # the sweep stops too
+
+
+def release_log_file(run_dir: Path) -> None:
+    """Close the log handlers Hydra opened on files in ``run_dir`` (its ``train.log``): a job refused
+    there must not log into another run's file (the next job's launch line would go there)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == Path(os.path.abspath(run_dir)):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def announce_stop(run_dir: Path, signum: int, run: "RunState | None", multirun: bool) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import ENV, metric_lines, moebench, result
+from test_cli import ENV, TINY, metric_lines, moebench, result
 
 # 4 steps per epoch (76 training images after the validation split, batches of 16), 12 in all;
 # Tokens Choice draws routing noise and the crop/flip augmentation draws from the loader's
@@ -236,3 +236,82 @@ def test_records_follow_the_users_umask(tmp_path):
                    capture_output=True, env=ENV, preexec_fn=lambda: os.umask(0o002), timeout=600, check=True)
     for name in ("result.json", "metrics.jsonl", "last.pt", "pareto.json"):
         assert (run_dir / name).stat().st_mode & 0o777 == 0o664, name  # group-readable and -writable, as asked
+
+
+# ----------------------------------------------------------------------------- concurrent launches
+
+def start_sweep(sweep: Path, *overrides: str, env: dict = SLOW) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "moebench", "train", "-m", *RUN, *overrides,
+                             f"hydra.sweep.dir={sweep}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def job_dir(proc: subprocess.Popen, sweep: Path, num: int, steps: int) -> Path:
+    """The dir of the sweep's job ``num`` once it has logged ``steps`` steps (the process still running)."""
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        found = list(sweep.glob(f"{num}_*"))
+        if found and logged_steps(found[0]) >= steps:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(proc.communicate()[1][-3000:])
+
+
+def test_a_sweep_job_whose_dir_another_process_holds_writes_nothing_there(tmp_path, capsys):
+    """The fast form of the next test: this process holds job 0's run dir, as a live run would."""
+    from moebench import checkpoint
+    from moebench.tracking import read_metrics
+
+    sweep = tmp_path / "sweep"
+    run_dir = sweep / "0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n')
+    (run_dir / "train.log").write_text("the live run's log\n")
+    checkpoint.lock_run_dir(run_dir)
+    try:
+        before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+        proc = moebench("train", "-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}",
+                        "hydra.sweep.subdir=${hydra.job.num}")
+    finally:
+        checkpoint.unlock_run_dir(run_dir)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # its own job 0 was refused...
+    assert f"moebench: error: run dir {run_dir} is in use by another run (pid {os.getpid()})" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # ...and wrote nothing there
+    assert result(sweep / "1")["status"] == "completed"  # job 1 ran
+
+    # metrics.jsonl readers skip a damaged line (here: the NUL hole an old truncating writer left) with a warning
+    (run_dir / "metrics.jsonl").write_bytes(b"\0" * 50 + b'{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
+    assert read_metrics(run_dir / "metrics.jsonl") == [{"step": 1}, {"step": 3}]
+    assert "skipped 1 damaged line(s) (2)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the fast test above covers the same guarantee with one process
+def test_a_second_identical_sweep_is_refused_and_writes_nothing_into_the_live_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["seed=0", "train.epochs=40"]  # 160 slowed steps: still training while the second sweep starts
+    first = start_sweep(sweep, *args)
+    try:
+        run_dir = job_dir(first, sweep, 0, steps=2)
+        before = (run_dir / "metrics.jsonl").read_bytes()
+        log_before = (run_dir / "train.log").read_bytes()
+        second = subprocess.run([sys.executable, "-m", "moebench", "train", "-m", *RUN, *args,
+                                 f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, env=ENV, timeout=600)
+        assert second.returncode != 0
+        assert f"is in use by another run (pid {first.pid})" in second.stderr, second.stderr[-3000:]
+        assert "Traceback" not in second.stdout + second.stderr
+        assert first.poll() is None  # the live run was still training all along...
+        assert not (run_dir / "result.json").exists()  # ...and the refused sweep left no record in its dir
+        assert (run_dir / "metrics.jsonl").read_bytes().startswith(before)  # only ever appended to
+        assert "in use by another run" not in (run_dir / "train.log").read_bytes()[len(log_before):].decode()
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGTERM)
+    code, err = signal_at(first, run_dir, 0, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    raw = (run_dir / "metrics.jsonl").read_bytes()
+    assert b"\0" not in raw
+    steps = [line["step"] for line in metric_lines(run_dir) if "train/loss" in line]
+    assert steps == list(range(1, len(steps) + 1))  # every step once, none lost
+    res = result(run_dir)
+    assert res["status"] == "preempted" and res["position"]["step"] == steps[-1]
