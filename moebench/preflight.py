@@ -54,8 +54,10 @@ def quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def prepare(args: list[str], config_dir: str, validate=None) -> Command:
-    """Check ``args`` and return the argv to give Hydra. Raises UserError (one line) when they are wrong."""
+def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Command:
+    """Check ``args`` and return the argv to give Hydra. Raises UserError (one line) when they are wrong.
+    ``validate``: the cross-key rules (single runs; under -m they fail only their job); ``fits``: the
+    memory estimate (every job: a run that cannot fit refuses the whole command)."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             parsed_args = get_args_parser().parse_args(args)
@@ -94,7 +96,9 @@ def prepare(args: list[str], config_dir: str, validate=None) -> Command:
             if cfg.get("init_from"):
                 init_jobs.append(resolve(cfg))
             if validate is not None and not command.multirun:
-                validate(cfg)
+                validate(cfg)  # (memory included)
+            elif fits is not None:
+                fits(cfg)
 
     hydra_cfg = first.hydra
     if command.multirun:

@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, cost, distributed, faults, preflight, schema, search, status
+from . import checkpoint, cost, distributed, faults, memory, preflight, schema, search, status
 from . import upcycle  # init_from: sparse upcycling from a dense run
 from .checkpoint import check_resume_config, checkpoint_path, flatten, load_checkpoint  # noqa: F401 (API)
 from .data import DataError, Loader, load_data
@@ -117,6 +117,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"expert_parallel=true needs experts ({r.num_experts}) divisible by the {world} processes")
     if cfg.threads not in (None, "auto") and not (isinstance(cfg.threads, int) and cfg.threads >= 1):
         raise ConfigError(f"threads={cfg.threads!r}; allowed: auto or an int >= 1")
+    check_fits(cfg)
+
+
+def check_fits(cfg: DictConfig) -> None:
+    """Refuse, before anything is allocated, a run whose estimated memory exceeds the device's (memory.py)."""
+    try:
+        blocks = len(moe_blocks(cfg))
+    except Exception:  # validate names what is wrong with the blocks
+        return
+    memory.check(cfg, build_model, blocks)
 
 
 def moe_blocks(cfg: DictConfig) -> list[int]:
@@ -925,7 +935,7 @@ def main(args: list[str]) -> int:
     try:
         try:
             search.prepare_preset(args)  # hydra/sweeper=optuna: moebench's preset (conf/hydra/sweeper/optuna.yaml)
-            COMMAND = preflight.prepare(args, conf_dir(), validate)
+            COMMAND = preflight.prepare(args, conf_dir(), validate, check_fits)
             if COMMAND.run_dir is not None and ranks.is_main:
                 checkpoint.lock_run_dir(COMMAND.run_dir)
         except UserError as err:  # nothing was written
