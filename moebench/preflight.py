@@ -113,7 +113,7 @@ def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Comma
     resume = first.get("resume")
     if resume:
         ckpt_file = checkpoint.checkpoint_path(str(resume))
-        ckpt = checkpoint.load_checkpoint(ckpt_file)
+        ckpt = checkpoint.load_checkpoint(ckpt_file, quiet=True)  # the run says it if it uses last.pt.prev
         checkpoint.check_resume_config(ckpt["config"], resolve(first), ckpt_file)
         run_dir = ckpt_file.parent  # a resumed run writes everything (.hydra/, train.log too) where it began
         command.args = [a for a in command.args if a.split("=", 1)[0].lstrip("+") != "hydra.run.dir"]
@@ -148,7 +148,7 @@ def check_previous_run(run_dir: Path, config: dict) -> None:
     if previous.get("status") == "completed" and previous.get("config"):
         checkpoint.check_resume_config(previous["config"], config, result_file)
     elif (run_dir / "last.pt").is_file():
-        ckpt = checkpoint.load_checkpoint(run_dir / "last.pt")
+        ckpt = checkpoint.load_checkpoint(run_dir / "last.pt", quiet=True)
         checkpoint.check_resume_config(ckpt["config"], config, run_dir / "last.pt")
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -20,8 +21,9 @@ import torch
 from . import faults
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same dir, then rename: readers never see half a file."""
+def _atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
+    """Write through a temp file in the same dir, then rename: readers never see half a file.
+    ``keep_previous``: the file being replaced stays there (a hard link, itself renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,12 +34,25 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             faults.hit(f"write:{path.name}")  # the tests' kill -9 in the middle of a write
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            _keep(path, Path(keep_previous))
         os.replace(tmp, path)
         _fsync_dir(path.parent)  # the rename itself survives a crash too
     except BaseException:
         with contextlib.suppress(OSError):  # a full disk or a removed dir: the write's own error matters
             os.unlink(tmp)
         raise
+
+
+def _keep(path: Path, previous: Path) -> None:
+    link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    try:
+        os.link(path, link)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, link)
+    os.replace(link, previous)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -64,8 +79,8 @@ def atomic_write_json(path: Path, obj) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_torch_save(obj, path: Path, keep_previous: Path | None = None) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f), keep_previous)
 
 
 def _json_default(value):

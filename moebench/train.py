@@ -360,8 +360,11 @@ def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> Ru
     ckpt = None
     if cfg.resume:
         ckpt_file = checkpoint_path(cfg.resume)
-        ckpt = load_checkpoint(ckpt_file)
-        check_resume_config(ckpt["config"], cfg, ckpt_file)
+        ckpt, used, damaged = checkpoint.load_with_fallback(ckpt_file)
+        check_resume_config(ckpt["config"], cfg, used)
+        if damaged and ranks.is_main:  # last.pt damaged: continue from the one before it (one line says so)
+            checkpoint.announce_fallback(damaged, used, ckpt)
+            checkpoint.reinstate_previous(ckpt_file)
         run_dir = ckpt_file.parent
         state["run_dir"] = run_dir
     if ranks.is_main:
@@ -683,9 +686,11 @@ def rng_state(device: torch.device, ranks: distributed.Ranks) -> dict:
 def save_checkpoint(run_dir: Path, is_best: bool, ranks: distributed.Ranks, ckpt_state: dict) -> None:
     if not ranks.is_main:
         return
+    ckpt_state = checkpoint.with_checksum(ckpt_state)  # verified on load (checkpoint.verify)
     for name in ("last.pt", "best.pt") if is_best else ("last.pt",):
+        keep = checkpoint.previous_path(run_dir / name) if name == "last.pt" else None
         try:
-            atomic_torch_save(ckpt_state, run_dir / name)
+            atomic_torch_save(ckpt_state, run_dir / name, keep_previous=keep)
         except OSError as err:  # the previous checkpoint is intact: the write went to a temp file
             raise RecordError(f"cannot write checkpoint {run_dir / name}: {err.strerror or err}; "
                               "the previous checkpoint is intact") from None

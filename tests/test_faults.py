@@ -315,3 +315,61 @@ def test_a_second_identical_sweep_is_refused_and_writes_nothing_into_the_live_ru
     assert steps == list(range(1, len(steps) + 1))  # every step once, none lost
     res = result(run_dir)
     assert res["status"] == "preempted" and res["position"]["step"] == steps[-1]
+
+
+# ----------------------------------------------------------------------------- checkpoints prove themselves
+
+def flip_tensor_bytes(path: Path, count: int = 64) -> None:
+    """Flip ``count`` bytes in the middle of the largest tensor stored in a checkpoint (the file stays a
+    readable zip: torch does not check the entries' CRCs)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(raw[entry.header_offset + 26:entry.header_offset + 28], "little"), \
+        int.from_bytes(raw[entry.header_offset + 28:entry.header_offset + 30], "little")
+    start = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2 - count // 2
+    for i in range(start, start + count):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_damaged_last_checkpoint_is_detected_and_the_previous_one_resumes(tmp_path, straight, damage):
+    run_dir = tmp_path / "run"
+    env = {**ENV, "MOEBENCH_FAULT": "sigkill:step:7"}  # checkpoints at steps 2, 4 (epoch end), 6; dies in step 7
+    proc = moebench("train", *RUN, "train.checkpoint_every_steps=2", f"hydra.run.dir={run_dir}", env=env)
+    assert proc.returncode == -signal.SIGKILL
+    last = run_dir / "last.pt"
+    assert torch.load(last, weights_only=True)["step"] == 6
+    assert torch.load(run_dir / "last.pt.prev", weights_only=True)["step"] == 4  # the one it replaced, kept
+    if damage == "flipped":
+        flip_tensor_bytes(last)
+        torch.load(last, weights_only=True)  # still loads: only the checksum tells
+    else:
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    proc = moebench("train", *RUN, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "last.pt.prev" in line]
+    assert len(lines) == 1 and lines[0].startswith("moebench: warning: "), proc.stderr[-3000:]
+    assert ("fails its checksum" if damage == "flipped" else "cannot read checkpoint") in lines[0]
+    assert "(step 4)" in lines[0] and "Traceback" not in proc.stderr
+    assert (run_dir / "last.pt.damaged").is_file()  # kept for a look
+    assert_same_run(straight, run_dir)  # resumed at step 4: the same run as one never interrupted
+
+
+def test_checksums_catch_changed_values_and_older_checkpoints_without_one_still_load(tmp_path):
+    from moebench import checkpoint
+    from moebench.errors import CheckpointError
+
+    state = {"model": {"w": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)}, "optimizer": {"state": {0: {}}},
+             "epoch": 1, "step": 4, "config": {"lr": 0.1}, "rng": {"torch": torch.zeros(3, dtype=torch.uint8)}}
+    torch.save(state, tmp_path / "old.pt")  # written before checksums existed
+    assert checkpoint.load_checkpoint(tmp_path / "old.pt")["step"] == 4
+    torch.save(checkpoint.with_checksum(state), tmp_path / "new.pt")
+    assert checkpoint.load_checkpoint(tmp_path / "new.pt")["step"] == 4
+    for change in ({"step": 5}, {"config": {"lr": 0.2}}, {"model": {"w": torch.ones(2, 3, dtype=torch.bfloat16)}}):
+        torch.save({**checkpoint.with_checksum(state), **change}, tmp_path / "changed.pt")
+        with pytest.raises(CheckpointError, match="fails its checksum"):
+            checkpoint.load_checkpoint(tmp_path / "changed.pt")
