@@ -26,6 +26,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
 from . import checkpoint, schema, search, upcycle
+from .data import DataError, check_source
 from .errors import ConfigError
 
 PASSTHROUGH_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "experimental_rerun")
@@ -40,6 +41,7 @@ class Command:
     run_dir: Path | None = None  # single runs: the pinned run dir
     sweep_dir: Path | None = None
     user_args: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # one line each, printed once by the caller
 
     def resume_command(self, run_dir: Path) -> str:
         """The command that continues ``run_dir`` (a single run) or the whole sweep."""
@@ -72,6 +74,7 @@ def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Comma
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
         raise ConfigError(f"cannot parse the overrides: {one_line(err)}") from None
+    check_experiment_values(parsed, config_dir)
     jobs = job_overrides(parsed, command.multirun)
     if not jobs:  # a range or interval sweep: Hydra's sweeper checks it
         return command
@@ -93,6 +96,7 @@ def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Comma
                     raise schema.unknown_key_error(key.lstrip("+"), known)
             schema.check(resolve(cfg), resolve(defaults[groups], quiet=True))
             search.check(cfg)  # objective names; under hydra/sweeper=optuna, one fitting direction each
+            check_data(cfg, command.warnings)
             if cfg.get("init_from"):
                 init_jobs.append(resolve(cfg))
             if validate is not None and not command.multirun:
@@ -134,6 +138,33 @@ GROUPS = ("model", "router", "data", "experiment", "variant")
 def is_group_choice(override: str) -> bool:
     key = override.split("=", 1)[0].lstrip("+~")
     return key in GROUPS or "/" in key
+
+
+def check_data(cfg, warnings: list[str]) -> None:
+    """The data must be where data.root says before any run dir exists (the checks that read no images)."""
+    d = cfg.data
+    try:
+        warning = check_source(d.name, d.get("root"), bool(d.get("download")))
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    if warning and warning not in warnings:
+        warnings.append(warning)
+
+
+def check_experiment_values(parsed, config_dir: str) -> None:
+    """experiment= names a preset of conf/experiment/; a path gets told how Hydra takes a config file."""
+    for o in parsed:
+        if o.get_key_element().lstrip("+~") != "experiment":
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else [str(o.value())]
+        for value in values:
+            if "/" in value or value.endswith((".yaml", ".yml")):
+                presets = sorted(p.stem for p in (Path(config_dir) / "experiment").glob("*.yaml"))
+                raise ConfigError(
+                    f"experiment={value}: experiment= takes a preset name, not a path; allowed: {', '.join(presets)}. "
+                    "For a preset file of your own, put it at DIR/experiment/NAME.yaml and run "
+                    "`moebench train --config-dir DIR experiment=NAME` (Hydra's --config-dir adds DIR to the "
+                    "search path; --config-dir DIR --config-name NAME would make DIR/NAME.yaml the whole config)")
 
 
 def check_previous_run(run_dir: Path, config: dict) -> None:

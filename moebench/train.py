@@ -941,6 +941,9 @@ def main(args: list[str]) -> int:
         try:
             search.prepare_preset(args)  # hydra/sweeper=optuna: moebench's preset (conf/hydra/sweeper/optuna.yaml)
             COMMAND = preflight.prepare(args, conf_dir(), validate, check_fits)
+            if ranks.is_main:
+                for warning in COMMAND.warnings:
+                    print(f"moebench: warning: {warning}", file=sys.stderr, flush=True)
             if COMMAND.run_dir is not None and ranks.is_main:
                 checkpoint.lock_run_dir(COMMAND.run_dir)
         except UserError as err:  # nothing was written

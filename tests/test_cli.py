@@ -182,6 +182,15 @@ REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
     (["experts=[1"], "cannot parse the overrides: no viable alternative at input '[1'"),
     (["router=soft,dense"], "router=soft,dense: a sweep (several values) needs -m/--multirun"),
     (["-m", "router=soft,dense", "experts=4,abc"], "experts (router.num_experts) must be an int >= 1, got 'abc'"),
+    (["data=imagefolder", "data.root=/nonexistent/moebench"], "data.root=/nonexistent/moebench: no such directory "
+     "(/nonexistent/moebench); expected ROOT/train/<class>/<image> and ROOT/test/<class>/<image> (or val/)"),
+    (["-m", "data=cifar10", "data.root=/nonexistent/moebench"], "cifar10 not found in /nonexistent/moebench (no "
+     "cifar-10-batches-py/ there); set data.download=true when online, or point data.root at torchvision's files "
+     "or at an ImageFolder tree (ROOT/train/<class>/, ROOT/test/<class>/)"),
+    (["experiment=/abs/dir/x.yaml"], "experiment=/abs/dir/x.yaml: experiment= takes a preset name, not a path; "
+     "allowed: cifar10, smoke, tinyimagenet. For a preset file of your own, put it at DIR/experiment/NAME.yaml and "
+     "run `moebench train --config-dir DIR experiment=NAME` (Hydra's --config-dir adds DIR to the search path; "
+     "--config-dir DIR --config-name NAME would make DIR/NAME.yaml the whole config)"),
 ]
 
 
@@ -191,6 +200,15 @@ def test_wrong_types_unknown_keys_and_bad_overrides_are_refused_before_any_work(
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"moebench: error: {line}"], proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir
+
+
+def test_a_root_for_data_that_needs_none_is_one_warning(tmp_path):
+    proc, run_dir = train(tmp_path, "data=digits", "data.root=/nonexistent/moebench", "data.num_train=64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("moebench: warning: ")]
+    assert warnings == ["moebench: warning: data.root=/nonexistent/moebench is ignored: data=digits is bundled "
+                        "with scikit-learn"]
+    assert result(run_dir)["status"] == "completed"
 
 
 @pytest.mark.parametrize("multirun", [[], ["-m"]], ids=["run", "sweep"])
