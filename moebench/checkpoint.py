@@ -17,14 +17,17 @@ import hashlib
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import status
 from .errors import CheckpointError, UserError
 
-LOCK_NAME = ".moebench.lock"
+LOCK_NAME = ".moebench.lock"  # holds "PID\nLAUNCH\n" of the process that last held it
+LOCK_ATTEMPTS = 10
 CHECKSUM = "checksum"  # the key of a checkpoint's sha256 (digest)
 PREVIOUS_SUFFIX = ".prev"  # last.pt.prev: the checkpoint the newest last.pt replaced
 
@@ -217,23 +220,47 @@ def lock_run_dir(run_dir: Path) -> None:
         fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
         raise UserError(f"cannot use run dir {run_dir}: {err.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(fd)
-        if err.errno in (errno.EAGAIN, errno.EACCES):
-            holder = _lock_holder(run_dir)
-            raise UserError(f"run dir {run_dir} is in use by another run{holder}; wait for it to end "
-                            "or choose another hydra.run.dir") from None
-        raise
+    for attempt in range(LOCK_ATTEMPTS):  # a reader's probe (lock_state) holds it for microseconds
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            if attempt + 1 == LOCK_ATTEMPTS:
+                os.close(fd)
+                holder = _lock_holder(run_dir)
+                raise UserError(f"run dir {run_dir} is in use by another run{holder}; wait for it to end "
+                                "or choose another hydra.run.dir") from None
+            time.sleep(0.05)
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.write(fd, f"{os.getpid()}\n{status.this_launch() or ''}\n".encode())  # who runs it, for which launch
     _held[key] = fd
+
+
+def lock_state(run_dir: Path) -> tuple[bool, str | None]:
+    """(a process holds the run dir now, the launch that last held it: status.this_launch)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            held = False
+        except OSError as err:
+            held = err.errno in (errno.EAGAIN, errno.EACCES)
+        lines = os.read(fd, 4096).decode(errors="replace").split("\n")
+    finally:
+        os.close(fd)
+    return held, (lines[1].strip() or None) if len(lines) > 1 else None
 
 
 def _lock_holder(run_dir: Path) -> str:
     try:
-        pid = (run_dir / LOCK_NAME).read_text().strip()
+        pid = (run_dir / LOCK_NAME).read_text().split("\n")[0].strip()
     except OSError:
         return ""
     return f" (pid {pid})" if pid else ""

@@ -79,6 +79,10 @@ def atomic_write_json(path: Path, obj) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_torch_save(obj, path: Path, keep_previous: Path | None = None) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f), keep_previous)
 

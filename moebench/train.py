@@ -933,6 +933,7 @@ def main(args: list[str]) -> int:
     """Run the Hydra app with ``args`` as its command line; returns the exit code (status.py)."""
     global COMMAND
     status.clear()
+    status.start_launch()  # this command's id: its jobs write it into their lock files
     STARTUP_STOP.signum = None
     extra = distributed.setup()  # under torchrun: join the ranks first
     ranks = distributed.current()

@@ -373,3 +373,52 @@ def test_checksums_catch_changed_values_and_older_checkpoints_without_one_still_
         torch.save({**checkpoint.with_checksum(state), **change}, tmp_path / "changed.pt")
         with pytest.raises(CheckpointError, match="fails its checksum"):
             checkpoint.load_checkpoint(tmp_path / "changed.pt")
+
+
+def test_a_sweep_counts_only_its_own_jobs_in_a_shared_sweep_dir(tmp_path):
+    """Fast form of the next test: the sweep dir already holds another launch's runs, one in flight
+    (this process holds its lock) and one failed."""
+    from moebench import checkpoint
+
+    sweep = tmp_path / "sweep"
+    running, failed = sweep / "other_running", sweep / "other_failed"
+    for run_dir in (running, failed):
+        (run_dir / ".hydra").mkdir(parents=True)
+    (failed / "result.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    (failed / checkpoint.LOCK_NAME).write_text("999\n2026-01-01_00-00-00_pid999\n")
+    checkpoint.lock_run_dir(running)
+    try:
+        proc = moebench("train", "-m", *TINY, "seed=0", f"hydra.sweep.dir={sweep}")
+    finally:
+        checkpoint.unlock_run_dir(running)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # its own job completed: the others are not its business
+    summary = json.loads((sweep / "pareto.json").read_text())
+    assert len(summary["runs"]) == 1
+    assert {Path(s["run"]).name: s["status"] for s in summary["skipped"]} == \
+        {"other_running": "running", "other_failed": "failed"}
+    [record] = sweep.glob("multirun.*_pid*.yaml")  # this launch's own record, beside Hydra's multirun.yaml
+    assert "seed=0" in record.read_text() and (sweep / "multirun.yaml").is_file()
+    assert not list(sweep.glob(".*.tmp"))  # pareto files replaced atomically
+
+
+@pytest.mark.slow  # the fast test above covers the same guarantees with one sweep process
+def test_two_sweeps_into_one_sweep_dir_each_exit_by_their_own_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    first = start_sweep(sweep, "seed=0,1")
+    try:
+        job_dir(first, sweep, 0, steps=1)
+        os.kill(first.pid, signal.SIGSTOP)  # its job 0 stays in flight, lock held, while the second sweep runs
+        second = subprocess.run([sys.executable, "-m", "moebench", "train", "-m", *RUN, "seed=2,3",
+                                 f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, env=ENV, timeout=600)
+        summary = json.loads((sweep / "pareto.json").read_text())
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [s["status"] for s in summary["skipped"]] == ["running"] and len(summary["runs"]) == 2
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    summary = json.loads((sweep / "pareto.json").read_text())
+    assert len(summary["runs"]) == 4 and not summary["skipped"]  # the last to end aggregates all four
+    assert len((sweep / "pareto.csv").read_text().splitlines()) == 5
+    records = sorted(p.read_text() for p in sweep.glob("multirun.*_pid*.yaml"))
+    assert len(records) == 2 and any("seed=0,1" in r for r in records) and any("seed=2,3" in r for r in records)
