@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed, plugins, timm_backbone
+from . import distributed, memory, plugins, timm_backbone
 from .data import load_data
 from .errors import ConfigError
 from .moe import MoELayer, registry
@@ -62,6 +62,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"expert_parallel=true needs experts ({r.num_experts}) divisible by the {world} processes")
     if cfg.threads not in (None, "auto") and not (isinstance(cfg.threads, int) and cfg.threads >= 1):
         raise ConfigError(f"threads={cfg.threads!r}; allowed: auto or an int >= 1")
+    check_fits(cfg)
+
+
+def check_fits(cfg: DictConfig) -> None:
+    """Refuse, before anything is allocated, a run whose estimated memory exceeds the device's (memory.py)."""
+    try:
+        blocks = len(moe_blocks(cfg))
+    except Exception:  # validate names what is wrong with the blocks
+        return
+    memory.check(cfg, build_model, blocks)
 
 
 def router_of(cfg: DictConfig) -> registry.Router:

@@ -19,7 +19,9 @@ then draws one frontier per setup.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
@@ -31,14 +33,16 @@ from pathlib import Path
 from typing import Callable
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
-from . import distributed, report
+from . import checkpoint, distributed, report, status
 from .moe import registry
 from .schema import flatten
 from .stats import ci95_half_width, welch_ci95
-from .tracking import atomic_write_json, sweep_group
+from .tracking import atomic_write_bytes, atomic_write_json, sweep_group
 
 QUALITY = "top1"  # the final model's test top-1
+PARETO_LOCK = ".moebench.pareto.lock"
 QUALITIES = ("top1", "top1_at_best_val", "val_top1_best")  # val_top1_best: what a search (search.objectives) sees
 
 
@@ -195,6 +199,8 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
 def read_run(run_dir: Path) -> Run:
     run_dir = run_dir.resolve()
     path = run_dir / "result.json"
+    if checkpoint.lock_state(run_dir)[0]:  # a process trains it now (its result.json, if any, is an older one)
+        return Run(run_dir, "running")
     if not path.exists():
         return Run(run_dir, "unfinished")
     try:
@@ -414,6 +420,18 @@ def compare_arms(rows: list[dict], arms: list[dict], quality: str) -> list[dict]
     return out
 
 
+@contextlib.contextmanager
+def sweep_lock(out_dir: Path):
+    """Hold ``out_dir``'s pareto lock: two sweeps ending in one sweep dir write their files one after the other."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / PARETO_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks: the other sweep's aggregation takes seconds
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     buffer = io.StringIO()
     if rows:
@@ -422,7 +440,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
         for row in rows:
             writer.writerow({key: ";".join(map(str, value)) if isinstance(value, list) else value
                              for key, value in row.items()})
-    path.write_text(buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 # ----------------------------------------------------------------------------- the plot
@@ -522,7 +540,9 @@ def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path
     fig.suptitle(f"{title}: quality vs cost")
     legend_height = (0.22 * legend_rows + 0.15) / fig.get_figheight()
     fig.tight_layout(rect=(0, legend_height, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
-    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: reruns give the same file
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, metadata={"Software": None})  # no version stamp: reruns give the same file
+    atomic_write_bytes(path, png.getvalue())
     drawn = {"legend": [h.get_label() for h in handles], "panels": {}}
     for s, setup in enumerate(setups):
         for a, axis in enumerate(axes):
@@ -608,7 +628,17 @@ def aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None 
               allow_mixed: bool = False, quality: str = QUALITY, include_init_cost: bool = False) -> dict:
     """Find the runs, group them into setups and arms, compute the frontiers, write
     pareto.csv (runs), pareto_arms.csv, pareto.json and pareto.png to ``out_dir``.
-    ``include_init_cost``: training FLOPs (a required axis then) count the init_from runs' training."""
+    ``include_init_cost``: training FLOPs (a required axis then) count the init_from runs' training.
+    Runs are read and files written under ``out_dir``'s lock (sweep_lock); every file is replaced atomically."""
+    if not all(Path(p).exists() for p in paths):
+        find_runs(paths)  # its error: no such dir (before any out dir is made)
+    with sweep_lock(Path(out_dir)):
+        return _aggregate(paths, out_dir, wandb_cfg=wandb_cfg, show=show, allow_mixed=allow_mixed, quality=quality,
+                          include_init_cost=include_init_cost)
+
+
+def _aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None, show: bool, allow_mixed: bool,
+               quality: str, include_init_cost: bool) -> dict:
     runs = find_runs(paths)
     required = REQUIRED_AXES + (("train_gflops_total",) if include_init_cost else ())
     with_init = add_init_cost(runs) if include_init_cost else 0
@@ -676,7 +706,16 @@ def print_files(summary: dict) -> None:
 
 
 class ParetoCallback(Callback):
-    """Hydra callback: aggregate a ``-m`` sweep into its sweep dir when it ends."""
+    """Hydra callback: aggregate a ``-m`` sweep into its sweep dir when it ends (and keep each launch's
+    own multirun record when it starts: several launches may share one sweep dir)."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        launch = status.this_launch()
+        if launch is None or not distributed.current().is_main:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)  # Hydra's multirun.yaml is the latest launch's only
+        atomic_write_bytes(sweep_dir / f"multirun.{launch}.yaml", OmegaConf.to_yaml(config).encode())
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -693,8 +732,11 @@ class ParetoCallback(Callback):
             FAILED_JOBS.append(str(sweep_dir))
             return
         print_files(summary)
-        # Launchers that run jobs in other processes (joblib, submitit) report failures only on disk.
-        FAILED_JOBS.extend(s["run"] for s in summary["skipped"] if s["status"] in NOT_OK)
+        # Launchers that run jobs in other processes (joblib, submitit) report failures only on disk. Only
+        # this launch's jobs count: another sweep into the same dir has its own (runs in flight: "running").
+        launch = status.this_launch()
+        FAILED_JOBS.extend(s["run"] for s in summary["skipped"]
+                           if s["status"] in NOT_OK and checkpoint.lock_state(Path(s["run"]))[1] == launch)
 
 
 READING = """\

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from .checkpoint import verify
 from .errors import CheckpointError
 
 
@@ -51,6 +52,7 @@ def _read_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {first}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} is not a moebench checkpoint (no model state dict and config)")
+    verify(ckpt, path)
     return ckpt
 
 

@@ -9,6 +9,7 @@ default in conf/ (an int stays an int, a bool a bool...). Cross-key rules
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -25,11 +26,12 @@ class Spec:
     choices: tuple = ()  # allowed strings (for kind str: the only ones; else: besides the kind)
     nullable: bool = False
     item: str | None = None  # kind list: the kind of each item
+    infinite: bool = False  # kind float: inf is a meaningful value (NaN never is)
 
     def allowed(self) -> str:
         parts = []
         if self.kind in ("int", "float"):
-            what = "an int" if self.kind == "int" else "a number"
+            what = "an int" if self.kind == "int" else ("a number" if self.infinite else "a finite number")
             if self.low is not None:
                 what += f" {'>' if self.open_low else '>='} {self.low:g}"
             if self.high is not None:
@@ -60,6 +62,8 @@ class Spec:
                 else isinstance(value, list)
         if isinstance(value, bool) or not isinstance(value, int if self.kind == "int" else NUMBER):
             return False
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not self.infinite)):
+            return False  # NaN passes every comparison below; inf only where the key gives it a meaning
         if self.low is not None and (value <= self.low if self.open_low else value < self.low):
             return False
         return self.high is None or value < self.high
@@ -94,8 +98,8 @@ SCHEMA: dict[str, Spec] = {
     # train
     "train.epochs": Int(1), "train.lr": Positive(), "train.weight_decay": Float(0), "train.betas": Spec("list", item="float"),
     "train.warmup_epochs": Float(0), "train.schedule": Choice("cosine", "rsqrt", "constant"),
-    "train.grad_clip": Positive(nullable=True), "train.label_smoothing": Float(0, high=1), "train.log_every": Int(1),
-    "train.time_limit_min": Float(0, nullable=True), "train.save_checkpoints": BOOL, "train.save_best": BOOL,
+    "train.grad_clip": Positive(nullable=True, infinite=True), "train.label_smoothing": Float(0, high=1), "train.log_every": Int(1),
+    "train.time_limit_min": Float(0, nullable=True, infinite=True), "train.save_checkpoints": BOOL, "train.save_best": BOOL,
     "train.checkpoint_every_min": Positive(nullable=True), "train.checkpoint_every_steps": Int(1, nullable=True),
     "train.skip_nonfinite_steps": Int(0), "train.preempt_signals": Spec("list", item="str"),
     # cost

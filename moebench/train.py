@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint, cost, distributed, faults, preflight, resolvers, schema, search, status
 from . import upcycle  # init_from: sparse upcycling from a dense run
 from .build import build_model, conf_dir, load_cfg_data, make_optimizer, moe_blocks, optimizer_record, router_of
-from .build import router_options, validate
+from .build import check_fits, router_options, validate
 from .checkpoint import check_resume_config, checkpoint_path, flatten, load_checkpoint  # noqa: F401 (API)
 from .data import DataError, Loader
 from .errors import CheckpointError, ConfigError, RecordError, UserError
@@ -177,8 +177,11 @@ def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> Ru
     ckpt = None
     if cfg.resume:
         ckpt_file = checkpoint_path(cfg.resume)
-        ckpt = load_checkpoint(ckpt_file)
-        check_resume_config(ckpt["config"], cfg, ckpt_file)
+        ckpt, used, damaged = checkpoint.load_with_fallback(ckpt_file)
+        check_resume_config(ckpt["config"], cfg, used)
+        if damaged and ranks.is_main:  # last.pt damaged: continue from the one before it (one line says so)
+            checkpoint.announce_fallback(damaged, used, ckpt)
+            checkpoint.reinstate_previous(ckpt_file)
         run_dir = ckpt_file.parent
         state["run_dir"] = run_dir
     if ranks.is_main:
@@ -496,9 +499,11 @@ def rng_state(device: torch.device, ranks: distributed.Ranks) -> dict:
 def save_checkpoint(run_dir: Path, is_best: bool, ranks: distributed.Ranks, ckpt_state: dict) -> None:
     if not ranks.is_main:
         return
+    ckpt_state = checkpoint.with_checksum(ckpt_state)  # verified on load (checkpoint.verify)
     for name in ("last.pt", "best.pt") if is_best else ("last.pt",):
+        keep = checkpoint.previous_path(run_dir / name) if name == "last.pt" else None
         try:
-            atomic_torch_save(ckpt_state, run_dir / name)
+            atomic_torch_save(ckpt_state, run_dir / name, keep_previous=keep)
         except OSError as err:  # the previous checkpoint is intact: the write went to a temp file
             raise RecordError(f"cannot write checkpoint {run_dir / name}: {err.strerror or err}; "
                               "the previous checkpoint is intact") from None
@@ -586,13 +591,19 @@ def run_job(cfg: DictConfig) -> dict:
     outcome, error, result, skipped = status.FAILED, None, None, False
     stopper = StopRequest(cfg.train.get("preempt_signals") or DEFAULT_SIGNALS)
     stopper.signum = STARTUP_STOP.signum  # a signal while the command started: stop after the first step
+    held = False  # this process holds the run dir's lock: only then may it write there
     try:
         with stopper:
+            if ranks.is_main:  # first: a job refused here (another run holds the dir) writes nothing into it
+                try:
+                    checkpoint.lock_run_dir(run_dir)
+                except UserError:
+                    release_log_file(run_dir)  # Hydra's train.log handler: not ours to write to
+                    raise
+            held = True
             validate(cfg)
             schema.check(OmegaConf.to_container(cfg, resolve=True))
             probe.check_config(cfg)
-            if ranks.is_main:
-                checkpoint.lock_run_dir(run_dir)
             previous = previous_result(cfg, run_dir)
             if previous is not None:  # its records are already on disk
                 log.info("%s already holds this completed run: skipping it", run_dir)
@@ -631,15 +642,25 @@ def run_job(cfg: DictConfig) -> dict:
         run = state.get("run")
         if not skipped:
             status.note(str(state["run_dir"]), outcome)
-            if ranks.is_main:
+            if ranks.is_main and held:  # a job that does not hold the dir (another run does) leaves no record
                 leave_record(cfg, state, result, outcome, error)
-        if ranks.is_main:
+        if ranks.is_main and held:
             checkpoint.unlock_run_dir(state["run_dir"])
         if outcome == status.PREEMPTED:
             signum = (run.signum if run is not None and run.signum else None) or state.get("signum") or signal.SIGTERM
             if ranks.is_main:
                 announce_stop(state["run_dir"], signum, run, multirun)
             raise SystemExit(status.exit_code(status.PREEMPTED, signum))  # the sweep stops too
+
+
+def release_log_file(run_dir: Path) -> None:
+    """Close the log handlers Hydra opened on files in ``run_dir`` (its ``train.log``): a job refused
+    there must not log into another run's file (the next job's launch line would go there)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == Path(os.path.abspath(run_dir)):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def announce_stop(run_dir: Path, signum: int, run: "RunState | None", multirun: bool) -> None:
@@ -705,6 +726,7 @@ def main(args: list[str]) -> int:
     global COMMAND
     resolvers.register()  # conf/train.yaml's ${moebench_*:} (process-wide, so not on import)
     status.clear()
+    status.start_launch()  # this command's id: its jobs write it into their lock files
     STARTUP_STOP.signum = None
     extra = distributed.setup()  # under torchrun: join the ranks first
     ranks = distributed.current()
@@ -713,7 +735,10 @@ def main(args: list[str]) -> int:
         refused = None
         try:
             search.prepare_preset(args)  # hydra/sweeper=optuna: moebench's preset (conf/hydra/sweeper/optuna.yaml)
-            COMMAND = preflight.prepare(args, conf_dir(), validate)
+            COMMAND = preflight.prepare(args, conf_dir(), validate, check_fits)
+            if ranks.is_main:
+                for warning in COMMAND.warnings:
+                    print(f"moebench: warning: {warning}", file=sys.stderr, flush=True)
             if COMMAND.run_dir is not None and ranks.is_main:
                 checkpoint.lock_run_dir(COMMAND.run_dir)
         except UserError as err:  # nothing was written
