@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed, memory, plugins, timm_backbone
+from . import distributed, memory, plugins, schema, timm_backbone
 from .data import load_data
 from .errors import ConfigError
 from .moe import MoELayer, registry
@@ -22,7 +22,9 @@ from .vit import ViT, moe_block_indices
 
 
 def validate(cfg: DictConfig) -> None:
-    """Reject bad values with one line naming the key and what is allowed."""
+    """Reject a bad config with one line naming the key and what is allowed: every value's type and
+    range (schema.py, routers' options included), then the rules between keys (here and the router's)."""
+    schema.check(OmegaConf.to_container(cfg, resolve=True))
     r = cfg.router
     router = router_of(cfg)
     problem = router.check(router_options(cfg))  # the router's own cross-key rules (its module's)
@@ -44,12 +46,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.heads={m.heads}")
     if own_vit and m.pool not in ("gap", "cls"):
         raise ConfigError(f"model.pool={m.pool!r}; allowed: gap, cls")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision={cfg.precision!r}; allowed: fp32, bf16")
-    if cfg.train.schedule not in ("cosine", "rsqrt", "constant"):
-        raise ConfigError(f"train.schedule={cfg.train.schedule!r}; allowed: cosine, rsqrt, constant")
-    if cfg.train.epochs < 1:
-        raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     try:
         moe_blocks(cfg)
     except ValueError as err:
@@ -60,8 +56,6 @@ def validate(cfg: DictConfig) -> None:
                           f"by the {world} processes")
     if cfg.expert_parallel and router.routed and r.num_experts % world:
         raise ConfigError(f"expert_parallel=true needs experts ({r.num_experts}) divisible by the {world} processes")
-    if cfg.threads not in (None, "auto") and not (isinstance(cfg.threads, int) and cfg.threads >= 1):
-        raise ConfigError(f"threads={cfg.threads!r}; allowed: auto or an int >= 1")
     check_fits(cfg)
 
 

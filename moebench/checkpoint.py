@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import status
+from . import schema, status
 from .errors import CheckpointError, UserError
 
 LOCK_NAME = ".moebench.lock"  # holds "PID\nLAUNCH\n" of the process that last held it
@@ -31,17 +31,10 @@ LOCK_ATTEMPTS = 10
 CHECKSUM = "checksum"  # the key of a checkpoint's sha256 (digest)
 PREVIOUS_SUFFIX = ".prev"  # last.pt.prev: the checkpoint the newest last.pt replaced
 
-# Settings that may differ between a checkpoint and the run that resumes it: they
-# change how long a run goes, where it logs and on what hardware, never the numbers
-# it trains to. Every other key must be equal.
-RESUME_MAY_DIFFER = (
-    "train.epochs", "train.time_limit_min", "train.checkpoint_every_min", "train.checkpoint_every_steps",
-    "train.log_every", "train.save_checkpoints", "train.save_best", "train.preempt_signals",
-    "wandb.", "device", "threads", "resume", "expert_parallel", "data.root", "data.download",
-    "data.eval_batch_size", "search.",
-)
-# The command-line shortcuts count through the router keys they feed (a dense run ignores them).
-SHORTCUTS = ("experts", "slots", "k", "capacity_factor")
+# Settings that may differ between a checkpoint and the run that resumes it: its length and
+# bookkeeping (schema.ROLES, the table `moebench pareto`'s arm grouping uses too). Every other
+# key must be equal.
+RESUME_MAY_DIFFER = schema.keys_with(schema.LENGTH, schema.BOOKKEEPING)
 
 
 def checkpoint_path(resume: str) -> Path:
@@ -178,7 +171,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def may_differ(key: str) -> bool:
-    return key in SHORTCUTS or any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUME_MAY_DIFFER)
+    return schema.role(key) in (schema.LENGTH, schema.BOOKKEEPING)
 
 
 def check_resume_config(saved: dict, cfg: DictConfig | dict, path: Path) -> None:

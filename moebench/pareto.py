@@ -35,7 +35,7 @@ from typing import Callable
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from . import checkpoint, distributed, report, status
+from . import checkpoint, distributed, report, schema, status
 from .moe import registry
 from .schema import flatten
 from .stats import ci95_half_width, welch_ci95
@@ -75,20 +75,10 @@ CONFIG_KEYS = {  # column -> dotted path in the resolved config
     "dispatch": "router.dispatch", "combine": "router.combine", "model": "model.name", "data": "data.name",
     "seed": "seed",
 }
-# Config keys that change neither what is trained nor how: left out when grouping runs into arms and
-# setups. The top-level shortcuts (experts, k, ...) only feed router.*, which is compared instead.
-NEUTRAL_KEYS = (
-    "seed", "wandb", "resume", "threads", "device", "cost", "deterministic", "expert_parallel",
-    "experts", "slots", "k", "capacity_factor",
-    "data.root", "data.download", "data.eval_batch_size", "data.cache_dir",
-    "train.log_every", "train.time_limit_min", "train.save_checkpoints", "train.save_best",
-    "train.checkpoint_every_min", "train.checkpoint_every_steps", "train.preempt_signals",
-    "train.skip_nonfinite_steps", "eval", "search",
-)
-# What makes a setup (one frontier): data, model, schedule and numerics. The MoE placement
-# (model.moe) belongs to the router design, so it varies between arms of one setup.
-SETUP_KEYS = ("data", "model", "train", "precision", "compile")
-ARM_ONLY_KEYS = ("model.moe",)
+# Config keys left out when grouping runs into arms and setups: the seed, run policies and bookkeeping
+# (schema.ROLES, the table resume's checks use too). What makes a setup: schema.SETUP_KEYS.
+NEUTRAL_KEYS = schema.keys_with(schema.PER_RUN, schema.BOOKKEEPING)
+SETUP_KEYS, ARM_ONLY_KEYS = schema.SETUP_KEYS, schema.ARM_ONLY_KEYS
 
 
 class ParetoError(Exception):
@@ -177,7 +167,7 @@ class Run:
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
+    return schema.under(key, prefixes)
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:

@@ -129,6 +129,55 @@ SCHEMA: dict[str, Spec] = {
     "router.name": STR, "router.lr_mult": Float(0),
     "search.objectives": Spec("list", item="str"),  # names: search.check
 }
+# What each key does to a run. Every key changes the result unless listed here; `moebench pareto`'s
+# grouping of runs into arms (pareto.NEUTRAL_KEYS) and what a resume may change
+# (checkpoint.RESUME_MAY_DIFFER) both derive from this one table, so they cannot disagree.
+RESULT = "result"  # changes what is trained (every key not listed)
+PER_RUN = "per-run"  # not what makes an arm, but fixed for a run's life: the seed (runs differing only in
+# it are seeds of one arm) and policies that change nothing until they act (a resume keeps them)
+LENGTH = "length"  # changes the result, but a resume may extend or shorten the run
+BOOKKEEPING = "bookkeeping"  # where it logs, on what hardware, how long it may run, how it is measured
+ROLES = {
+    "seed": PER_RUN,
+    "train.skip_nonfinite_steps": PER_RUN,  # a run that never has a non-finite step is the same run
+    "train.epochs": LENGTH,
+    **dict.fromkeys((
+        "wandb", "resume", "threads", "device", "expert_parallel", "search",
+        "eval",  # probes after training
+        "cost",  # how the trained model's cost is measured
+        "deterministic",  # bit-exact variants of the same algorithms
+        "experts", "slots", "k", "capacity_factor",  # shortcuts: they count through the router keys they feed
+        "data.root", "data.download", "data.eval_batch_size",
+        "train.log_every", "train.time_limit_min", "train.save_checkpoints", "train.save_best",
+        "train.checkpoint_every_min", "train.checkpoint_every_steps", "train.preempt_signals",
+    ), BOOKKEEPING),
+}
+# The keys of a result that make a setup (one frontier): data, model, schedule and numerics. The
+# MoE placement (model.moe) belongs to the router design, so it varies between arms of one setup.
+SETUP_KEYS = ("data", "model", "train", "precision", "compile")
+ARM_ONLY_KEYS = ("model.moe",)
+
+
+def under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """``key`` is one of ``prefixes`` or lies in one of those sections."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def role(key: str) -> str:
+    """The role of a dotted key: its own entry in ROLES, else its nearest section's, else RESULT."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        found = ROLES.get(".".join(parts[:end]))
+        if found:
+            return found
+    return RESULT
+
+
+def keys_with(*roles: str) -> tuple[str, ...]:
+    """The keys and sections of ROLES that have one of ``roles``."""
+    return tuple(key for key, value in ROLES.items() if value in roles)
+
+
 SHORTCUTS = {"router.num_experts": "experts", "router.slots_per_expert": "slots", "router.k": "k",
              "router.capacity_factor": "capacity_factor"}
 UNCHECKED = ("experts", "slots", "k", "capacity_factor", "hydra")  # shortcuts: through the router keys

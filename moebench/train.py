@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, cost, distributed, faults, preflight, resolvers, schema, search, status
+from . import checkpoint, cost, distributed, faults, preflight, resolvers, search, status
 from . import upcycle  # init_from: sparse upcycling from a dense run
 from .build import build_model, conf_dir, load_cfg_data, make_optimizer, moe_blocks, optimizer_record, router_of
 from .build import check_fits, router_options, validate
@@ -601,8 +601,7 @@ def run_job(cfg: DictConfig) -> dict:
                     release_log_file(run_dir)  # Hydra's train.log handler: not ours to write to
                     raise
             held = True
-            validate(cfg)
-            schema.check(OmegaConf.to_container(cfg, resolve=True))
+            validate(cfg)  # types and ranges (schema.py), then the rules between keys
             probe.check_config(cfg)
             previous = previous_result(cfg, run_dir)
             if previous is not None:  # its records are already on disk

@@ -35,8 +35,7 @@ register(Router(
     name="dense",
     # router.mlp_mult: a capacity control, the MLP x mlp_mult wide in the blocks an MoE would replace
     build=lambda dim, hidden_dim, num_tokens, options: DenseMLP(dim, round(hidden_dim * options.get("mlp_mult", 1))),
-    options={"mlp_mult": Int()},  # its default's type (1), as for any key the schema does not list
+    options={"mlp_mult": Int(1)},
     label=lambda get: [f"MLPx{get('mlp_mult'):g}"] if get("mlp_mult") not in (None, 1, 1.0) else [],
-    check=lambda r: None if r.get("mlp_mult", 1) > 0 else f"router.mlp_mult must be > 0, got {r.get('mlp_mult')}",
     routed=False, replaces_blocks=lambda options: options.get("mlp_mult", 1) != 1, marker="D", order=3,
 ))

@@ -6,7 +6,7 @@ import torch
 
 from .capacity import Rounding, compute_capacity
 from .registry import Router, register
-from .sparse import GROUPED_OPTIONS, SparseMoE, check_grouped, flat_token_index
+from .sparse import GROUPED_OPTIONS, SparseMoE, flat_token_index
 
 
 class ExpertsChoiceMoE(SparseMoE):
@@ -94,16 +94,10 @@ class ExpertsChoiceMoE(SparseMoE):
         return states[0]["gates"].new_zeros(()), metrics
 
 
-def _check(r) -> str | None:
-    if r["num_experts"] < 1:
-        return f"experts (router.num_experts) must be >= 1, got {r['num_experts']}"
-    return check_grouped(r)
-
-
 register(Router(
     name="experts_choice",
     build=lambda dim, hidden_dim, num_tokens, options: ExpertsChoiceMoE(dim, hidden_dim, **options),
     options=GROUPED_OPTIONS,
     label=lambda get: [f"E{get('num_experts')}", f"C{get('capacity_factor')}"],
-    check=_check, marker="^", order=2,
+    marker="^", order=2,
 ))

@@ -230,19 +230,6 @@ def _weight_stats(prefix: str, weights: torch.Tensor, dim: int) -> dict[str, tor
     return {f"{prefix}_max": weights.amax(dim).mean(), f"{prefix}_entropy": mean_entropy(weights, dim)}
 
 
-def _check(r) -> str | None:
-    if r["num_experts"] < 1:
-        return f"experts (router.num_experts) must be >= 1, got {r['num_experts']}"
-    if r.get("slot_factor") is None and r["slots_per_expert"] < 1:
-        return f"slots (router.slots_per_expert) must be >= 1, got {r['slots_per_expert']}"
-    if r.get("slot_factor") is not None and r["slot_factor"] <= 0:
-        return f"router.slot_factor must be > 0, got {r['slot_factor']}"
-    for key in ("dispatch", "combine"):
-        if r[key] not in MODES:
-            return f"router.{key}={r[key]!r} is unknown; allowed: {', '.join(MODES)}"
-    return None
-
-
 def _label(get) -> list[str]:
     parts = [f"E{get('num_experts')}", f"p{get('slots_per_expert')}"]
     if (get("dispatch"), get("combine")) != ("soft", "soft"):
@@ -263,7 +250,7 @@ register(Router(
     options={"num_experts": Int(1), "slots_per_expert": Int(1), "slot_factor": Positive(nullable=True),
              "normalize": BOOL, "scale_init": Float(), "identical_init": BOOL,
              "dispatch": Choice(*MODES), "combine": Choice(*MODES), "dispatch_normalized": Spec("bool", nullable=True)},
-    label=_label, check=_check,
+    label=_label,
     unused_parameters=lambda options: "soft" not in (options["dispatch"], options["combine"]),  # phi unused
     marker="o", order=0,
 ))

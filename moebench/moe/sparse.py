@@ -191,16 +191,4 @@ GROUPED_OPTIONS = {"num_experts": Int(1), "capacity_factor": Positive(), "group_
                    "capacity_rounding": ROUNDING, "identical_init": BOOL}
 
 
-def check_grouped(r) -> str | None:
-    """The cross-key rules both share (registry.Router.check)."""
-    if r["capacity_factor"] <= 0:
-        return f"capacity_factor (router.capacity_factor) must be > 0, got {r['capacity_factor']}"
-    if r["group_size"] < 1:
-        return f"router.group_size must be >= 1, got {r['group_size']}"
-    rounding = r["capacity_rounding"]
-    if rounding not in ("ceil", "round") and not (isinstance(rounding, int) and rounding >= 1):
-        return f"router.capacity_rounding={rounding!r}; allowed: ceil, round or an int >= 1"
-    return None
-
-
-__all__ = ["GROUPED_OPTIONS", "SparseMoE", "SparseRouting", "check_grouped", "compute_capacity", "flat_token_index"]
+__all__ = ["GROUPED_OPTIONS", "SparseMoE", "SparseRouting", "compute_capacity", "flat_token_index"]

@@ -8,7 +8,7 @@ from ..schema import BOOL, Float, Int, Positive
 from .capacity import Rounding, compute_capacity
 from .metrics import cv_squared, load_stats
 from .registry import Router, register
-from .sparse import GROUPED_OPTIONS, SparseMoE, check_grouped
+from .sparse import GROUPED_OPTIONS, SparseMoE
 
 
 def position_in_expert(choices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -209,11 +209,10 @@ class TokensChoiceMoE(SparseMoE):
 
 
 def _check(r) -> str | None:
-    if r["num_experts"] < 1:
-        return f"experts (router.num_experts) must be >= 1, got {r['num_experts']}"
+    """The rule between options (each option's type and range: the specs below)."""
     if not 1 <= r["k"] <= r["num_experts"]:
         return f"k (router.k) must be in [1, experts={r['num_experts']}], got {r['k']}"
-    return check_grouped(r)
+    return None
 
 
 def _label(get) -> list[str]:
