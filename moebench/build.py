@@ -24,7 +24,9 @@ from .vit import ViT, moe_block_indices
 def validate(cfg: DictConfig) -> None:
     """Reject a bad config with one line naming the key and what is allowed: every value's type and
     range (schema.py, routers' options included), then the rules between keys (here and the router's)."""
-    schema.check(OmegaConf.to_container(cfg, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)  # preflight's composed configs carry Hydra's keys, which resolve only in a job
+    schema.check(OmegaConf.to_container(OmegaConf.create(config), resolve=True))
     r = cfg.router
     router = router_of(cfg)
     problem = router.check(router_options(cfg))  # the router's own cross-key rules (its module's)

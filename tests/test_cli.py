@@ -70,14 +70,22 @@ def test_each_router_trains_and_records_cost_and_quality(tmp_path, router):
 
 
 def test_strong_augmentation_trains_with_mixed_labels(tmp_path):
-    """RandAugment + MixUp/CutMix end to end: soft targets reach the loss, and the run completes."""
-    proc, run_dir = train(tmp_path, "router=soft", "data.augment.randaugment=9", "data.augment.mixup=0.8",
-                          "data.augment.cutmix=1.0")
+    """RandAugment + MixUp/CutMix end to end: soft targets reach the loss, and the run completes.
+    The same run without MixUp/CutMix starts from the same weights and batches (before mixing); the
+    first loss is ln(10) for both (the head starts at zero: uniform predictions, whatever the targets),
+    so the losses after it differ only if mixed targets reached the steps."""
+    common = ["router=soft", "data.augment.randaugment=9", "train.log_every=1"]
+    proc, run_dir = train(tmp_path, *common, "data.augment.mixup=0.8", "data.augment.cutmix=1.0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = result(run_dir)
     assert res["status"] == "completed" and res["config"]["data"]["augment"]["mixup"] == 0.8
     losses = [line["train/loss"] for line in metric_lines(run_dir) if "train/loss" in line]
     assert losses and all(loss == loss and loss > 0 for loss in losses)
+    proc, plain_dir = train(tmp_path, *common, name="unmixed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = [line["train/loss"] for line in metric_lines(plain_dir) if "train/loss" in line]
+    assert len(losses) == len(plain) >= 2
+    assert max(abs(a - b) for a, b in zip(losses[1:], plain[1:])) > 1e-4, (losses, plain)
 
 
 def test_gflops_per_image_is_the_analytic_count(tmp_path):
