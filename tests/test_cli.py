@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-# A model and data small enough for a few seconds per run on 2 CPU cores.
-TINY = ["experiment=smoke"]  # conf/experiment/smoke.yaml: a whole run in seconds
-SPARSE = {"tokens_choice": ["router.group_size=2"], "experts_choice": ["router.group_size=2"]}
-ENV = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-
-
-def moebench(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "moebench", *args], capture_output=True, text=True, cwd=cwd,
-        env=env or ENV, timeout=600,
-    )
-
-
-def train(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[subprocess.CompletedProcess, Path]:
-    run_dir = tmp_path / name
-    proc = moebench("train", *TINY, *overrides, f"hydra.run.dir={run_dir}")
-    return proc, run_dir
-
-
-def result(run_dir: Path) -> dict:
-    return json.loads((run_dir / "result.json").read_text())
-
-
-def metric_lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from conftest import ENV, REPO, SPARSE, TINY, metric_lines, moebench, result, train  # noqa: F401 (re-exported)
 
 
 @pytest.mark.parametrize("router", ["soft", "tokens_choice", "experts_choice", "dense"])

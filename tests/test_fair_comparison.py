@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from moebench.data import channel_stats, load_data
 from moebench.moe.decay import weight_decay_split
-from moebench.build import build_model, conf_dir, make_optimizer, optimizer_record
+from moebench.build import build_model, make_optimizer, optimizer_record
+from conftest import compose_cfg
 
 ROUTERS = ("soft", "tokens_choice", "experts_choice", "dense")
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def groups_for(router: str, *overrides: str) -> tuple[set[str], set[str]]:

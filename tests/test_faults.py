@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import ENV, TINY, metric_lines, moebench, result
+from conftest import ENV, TINY, metric_lines, moebench, result
 
 # 4 steps per epoch (76 training images after the validation split, batches of 16), 12 in all;
 # Tokens Choice draws routing noise and the crop/flip augmentation draws from the loader's

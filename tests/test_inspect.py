@@ -15,7 +15,7 @@ from moebench.inspection.summary import LayerSummary
 from moebench.moe import SoftMoE
 from moebench.runs import load_run, load_run_data
 
-from test_cli import SPARSE, moebench
+from conftest import SPARSE, moebench
 
 # Digits at 8x8 with 2x2 patches: a 4x4 grid of 16 tokens, 4 experts (smoke model, 1 epoch).
 DIGITS = ["experiment=smoke", "data=digits", "data.num_test=64", "model.patch_size=2"]

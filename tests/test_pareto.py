@@ -11,7 +11,7 @@ from moebench.pareto import ParetoError, aggregate, plot, human_flops, human_mb,
 from moebench.stats import ci95_half_width, paired_ci95, t_quantile, welch_ci95
 from moebench.tracking import atomic_write_json
 
-from test_cli import moebench
+from conftest import moebench
 
 
 def test_pareto_mask_on_hand_made_points():
