@@ -6,18 +6,13 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from moebench.errors import ConfigError
 from moebench.moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
-from moebench.build import build_model, conf_dir, validate
+from moebench.build import build_model, validate
 from moebench.resolvers import dirname_label
-from moebench.train import lr_factor
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+from moebench.loop import lr_factor
+from conftest import compose_cfg
 
 
 def test_defaults_are_the_main_job_on_digits():
