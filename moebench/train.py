@@ -3,7 +3,8 @@
 The only module that turns a config into objects. One call of ``run_job``
 is one run: it leaves ``result.json``, ``metrics.jsonl``, checkpoints and a
 W&B run in its run dir, whatever happens (status completed, stopped,
-preempted, diverged or failed: status.py). ``train_and_measure`` is
+preempted, diverged or failed: status.py), once it holds the dir's lock (a job
+refused there because another run holds it writes nothing). ``train_and_measure`` is
 ``build`` -> ``fit`` -> ``measure`` around one ``RunState``.
 """
 
