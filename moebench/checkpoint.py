@@ -15,7 +15,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import schema, status
 from .errors import CheckpointError, UserError
+from .tracking import replace_with_copy
 
 LOCK_NAME = ".moebench.lock"  # holds "PID\nLAUNCH\n" of the process that last held it
 LOCK_ATTEMPTS = 10
@@ -143,20 +143,8 @@ def reinstate_previous(path: Path) -> None:
     file as ``last.pt.damaged``; ``path`` exists at every moment, so a kill here loses nothing."""
     path = Path(path)
     with contextlib.suppress(OSError):
-        _replace_with_copy(path, path.with_name(path.name + ".damaged"))
-    _replace_with_copy(previous_path(path), path)
-
-
-def _replace_with_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes a copy of ``src`` in one rename (a hard link where the file system has them)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        replace_with_copy(path, path.with_name(path.name + ".damaged"))
+    replace_with_copy(previous_path(path), path)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

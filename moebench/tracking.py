@@ -35,7 +35,7 @@ def _atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
             faults.hit(f"write:{path.name}")  # the tests' kill -9 in the middle of a write
             os.fsync(f.fileno())
         if keep_previous is not None and path.exists():
-            _keep(path, Path(keep_previous))
+            replace_with_copy(path, Path(keep_previous))
         os.replace(tmp, path)
         _fsync_dir(path.parent)  # the rename itself survives a crash too
     except BaseException:
@@ -44,15 +44,16 @@ def _atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
         raise
 
 
-def _keep(path: Path, previous: Path) -> None:
-    link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+def replace_with_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` in one rename (a hard link where the file system has them)."""
+    tmp = Path(dst).with_name(f".{Path(dst).name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
-        link.unlink()
+        tmp.unlink()
     try:
-        os.link(path, link)
+        os.link(src, tmp)
     except OSError:  # a file system without hard links
-        shutil.copyfile(path, link)
-    os.replace(link, previous)
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _fsync_dir(directory: Path) -> None:

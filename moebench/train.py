@@ -3,9 +3,10 @@
 Nothing but the CLI imports this module. One call of ``run_job`` is one run:
 it leaves ``result.json``, ``metrics.jsonl``, checkpoints and a W&B run in its
 run dir, whatever happens (status completed, stopped, preempted, diverged or
-failed: status.py). The run itself is loop.py's (``train_and_measure``:
-``build`` -> ``fit`` -> ``measure`` around one ``RunState``), config -> objects
-build.py's, the record run_records.py's.
+failed: status.py), once it holds the dir's lock (a job refused there because
+another run holds it writes nothing). The run itself is loop.py's
+(``train_and_measure``: ``build`` -> ``fit`` -> ``measure`` around one
+``RunState``), config -> objects build.py's, the record run_records.py's.
 """
 
 from __future__ import annotations
