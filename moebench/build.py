@@ -2,8 +2,8 @@
 
 Below the Hydra app (train.py) so that whatever needs a model from a config
 (``runs.load_run``, ``bench``, ``measure``) imports this and never the app.
-``validate`` holds the cross-key rules of a train config; types and ranges are
-schema.py's.
+``validate`` is the one check of a train config: the schema's types and ranges
+(schema.py, each router's options from its module), then the rules between keys.
 """
 
 from __future__ import annotations

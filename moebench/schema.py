@@ -1,8 +1,9 @@
 """The typed schema of the train config: every value's type and range, checked before any work.
 
 conf/ stays the single source of defaults and of which keys exist; this module
-says what each value may be (a router's options: its module, moe/registry.py). Keys it does not list take the type of their
-default in conf/ (an int stays an int, a bool a bool...). Cross-key rules
+says what each value may be (a router's options: its module, moe/registry.py).
+Keys it does not list take the type of their default in conf/ (an int stays an
+int, a bool a bool...). Cross-key rules
 (k <= experts, divisibility by the number of processes...) are ``build.validate``'s.
 """
 

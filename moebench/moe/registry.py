@@ -7,8 +7,8 @@ label on a frontier, and a few facts (does it route at all, which parameters a
 forward may leave unused). The layer itself describes its routing
 (``layer.routing(x)``). ``moebench train``, ``pareto``, ``inspect`` and
 ``bench`` look routers up here, so adding one is one module that calls
-``register`` (a plugin outside moebench too: see ``moebench.cli``'s
-MOEBENCH_PLUGINS).
+``register`` (a module outside moebench too: MOEBENCH_PLUGINS, see
+moebench/plugins.py).
 """
 
 from __future__ import annotations

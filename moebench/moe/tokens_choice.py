@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schema import BOOL, Float, Int, Positive
+from ..schema import BOOL, Float, Int
 from .capacity import Rounding, compute_capacity
 from .metrics import cv_squared, load_stats
 from .registry import Router, register
@@ -223,6 +223,6 @@ register(Router(
     name="tokens_choice",
     build=lambda dim, hidden_dim, num_tokens, options: TokensChoiceMoE(dim, hidden_dim, **options),
     options={**GROUPED_OPTIONS, "k": Int(1), "bpr": BOOL, "importance_weight": Float(0), "load_weight": Float(0),
-             "switch_weight": Float(0), "z_loss_weight": Float(0), "capacity_factor": Positive()},
+             "switch_weight": Float(0), "z_loss_weight": Float(0)},
     label=_label, check=_check, marker="s", order=1,
 ))
