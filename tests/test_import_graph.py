@@ -89,3 +89,12 @@ def test_no_import_cycle():
 def test_only_the_cli_imports_the_train_app():
     importers = sorted(name for name, targets in graph().items() if "moebench.train" in targets)
     assert importers == ["moebench.cli"]
+
+
+def test_every_subpackage_ships_in_a_non_editable_install():
+    """pyproject.toml lists the packages by hand: a new subpackage (e.g. moebench/pareto/) must be there."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(init) for init in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set()
