@@ -31,9 +31,11 @@ test: install ## the fast test suite (what CI runs; < 10 min on 2 cores)
 test-slow: install ## the slow tests only (long end-to-end runs)
 	$(BIN)/python -m pytest -m slow
 
-PEERS ?= /tmp/peers
+# The peers' Python is imported: keep them in a dir of your own (never /tmp, where anyone can plant a package);
+# moebench bench refuses a peers dir owned by another user or writable by others. Absent: peers skipped.
+PEERS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/moebench/peers
 bench: install ## router fwd+bwd time vs dense, matmul peak and peers (PEERS=DIR) -> experiments/results/bench_routers.json
-	$(BIN)/moebench bench --peers $(PEERS) --out experiments/results/bench_routers.json --markdown experiments/results/bench_routers_tables.md
+	$(BIN)/moebench bench $(if $(wildcard $(PEERS)),--peers $(PEERS)) --out experiments/results/bench_routers.json --markdown experiments/results/bench_routers_tables.md
 
 bench-processes: install ## training images/s, 1 vs 2 processes (torchrun) -> experiments/results/bench_processes.json
 	$(BIN)/python experiments/bench_processes.py --out experiments/results/bench_processes.json

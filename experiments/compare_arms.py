@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from moebench.pareto import ci95_half_width, welch_ci95
+from moebench.stats import ci95_half_width, paired_ci95, welch_ci95
 
 
 def pooled_runs(paths: list[str], quality: str) -> dict[str, dict[int, dict]]:
@@ -43,14 +43,6 @@ def pooled_runs(paths: list[str], quality: str) -> dict[str, dict[int, dict]]:
                          f"and {run[quality]} in {path}: not the same run")
             arms[run["label"]].setdefault(run["seed"], run)
     return arms
-
-
-def paired_ci95(a: dict[int, float], b: dict[int, float]) -> tuple[float, float | None, int]:
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    if not diffs:
-        return math.nan, None, 0
-    return statistics.fmean(diffs), ci95_half_width(diffs), len(diffs)
 
 
 def pct(value: float | None, signed: bool = False) -> str:

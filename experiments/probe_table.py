@@ -20,8 +20,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from compare_arms import paired_ci95  # a sibling script: run this one as `python experiments/probe_table.py`
-from moebench.pareto import arm_labels, arm_of, ci95_half_width, find_runs, welch_ci95
+from moebench.pareto import arm_labels, arm_of, find_runs
+from moebench.stats import ci95_half_width, paired_ci95, welch_ci95
 
 
 def collect(paths: list[str]) -> list[dict]:

@@ -7,11 +7,12 @@ time of the weight-gradient matmuls (`moebench bench`). Routing every
 allocation through the heap and never trimming it makes the steps reuse warm
 pages, the same effect PyTorch's CPU tuning guide gets from jemalloc/tcmalloc.
 
-Applied once per process when ``moebench.moe`` is imported (so library users
-get the same speed as the CLI), Linux/glibc only. The cost: memory freed by
-the process stays reserved by it (its resident size keeps its high-water
-mark) until ``release_free_memory()``. Set MOEBENCH_MALLOC_TUNING=0 in the
-environment before the import to opt out.
+Applied once per process by ``tune_cpu_allocator()``: the ``moebench`` command
+calls it before any subcommand; a library user calls it (``moebench.moe``
+re-exports it) to get the same speed. Linux/glibc only; importing changes
+nothing. The cost: memory freed by the process stays reserved by it (its
+resident size keeps its high-water mark) until ``release_free_memory()``. Set MOEBENCH_MALLOC_TUNING=0 in the
+environment to make the call a no-op.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ opt-in routing statistics on, as ``moebench train`` runs them: their cost.
 The peers are imported from ``--peers DIR`` (``DIR/soft-moe-pytorch`` and
 ``DIR/st-moe-pytorch``: snapshots of their public repositories, never part of
 moebench; they need ``einops``, ``einx``, ``beartype``, ``colt5-attention``)
-and skipped, with a note, when absent.
+and skipped, with a note, when absent. Importing them runs their code: a peers dir
+(or anything in it) owned by another user or writable by others is refused.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .allocator import allocator_tuning_applied
-from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, track_routing
+from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, registry, track_routing
 from .moe.experts import Experts
 
 PEER_EXPERTS = (8, 64, 256)
@@ -126,13 +127,35 @@ class PeerSTMoE(nn.Module):
         return out.outputs.reshape(batch, tokens, dim)
 
 
+PEER_REPOS = (("soft", "soft-moe-pytorch", "soft_moe_pytorch"), ("st", "st-moe-pytorch", "st_moe_pytorch"))
+
+
+def unsafe_peers(root: Path) -> str | None:
+    """Why importing Python from ``root`` would run code someone else could have put there, or None.
+    Importing runs ``__init__.py``: ``root``, the peer dirs and every file under their packages must be
+    owned by this user (or root) and writable by no one else (a world-writable /tmp is the case in point)."""
+    paths = [root]
+    for _, repo, package in PEER_REPOS:
+        if (root / repo).exists():
+            paths.append(root / repo)
+            if (root / repo / package).exists():
+                paths += [root / repo / package, *(root / repo / package).rglob("*")]
+    me = os.getuid()
+    for path in paths:
+        info = path.stat()
+        if info.st_uid not in (me, 0):
+            return f"{path} is owned by another user (uid {info.st_uid})"
+        if info.st_mode & 0o022:
+            return f"{path} is writable by other users (mode {info.st_mode & 0o777:o}); chmod go-w it"
+    return None
+
+
 def import_peers(root: Path | None) -> tuple[dict, list[str]]:
     """{"soft": module, "st": module} for the peers found under ``root``, and notes on the missing."""
     found, notes = {}, []
     if root is None:
         return found, ["no --peers directory given: peers skipped"]
-    for key, repo, package in (("soft", "soft-moe-pytorch", "soft_moe_pytorch"),
-                               ("st", "st-moe-pytorch", "st_moe_pytorch")):
+    for key, repo, package in PEER_REPOS:
         path = root / repo
         if not (path / package).is_dir():
             notes.append(f"{path / package} not found: {repo} skipped")
@@ -170,6 +193,9 @@ def training_specs(experts: list[int], tokens: int, peers: dict,
                 TokensChoiceMoE(d, h, e, k=1, capacity_factor=1.0, noise_std=0.0), "train"))
             specs[f"experts_choice_tracked/E={e}"] = ("experts_choice_tracked", e, lambda d, h, e=e: track_routing(
                 ExpertsChoiceMoE(d, h, e, capacity_factor=1.0, group_size=8), "train"))
+    for router in registry.routers():  # routers that declare their own cases (plugins): one per expert count
+        for e in experts if router.bench else ():
+            specs.update({name: (router.name, e, factory) for name, factory in router.bench(e, tokens).items()})
     for e in PEER_EXPERTS:
         if e not in experts:
             continue
@@ -284,7 +310,7 @@ def vit_models(routers: list[str]) -> dict[str, nn.Module]:
     """The ViT of ``experiment=cifar10`` for each router, built as ``moebench train`` builds it."""
     from hydra import compose, initialize_config_dir
 
-    from .train import build_model, conf_dir
+    from .build import build_model, conf_dir
 
     models = {}
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
@@ -471,7 +497,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peers", type=Path, default=None,
-                        help="directory holding snapshots of soft-moe-pytorch/ and st-moe-pytorch/ (skipped if absent)")
+                        help="directory holding snapshots of soft-moe-pytorch/ and st-moe-pytorch/ (skipped if absent); "
+                             "their code is imported, so it must be yours and writable by no one else")
     parser.add_argument("--only", default=None, help="time only the training layers whose name contains this")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference section")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
@@ -483,6 +510,10 @@ def main(argv: list[str]) -> int:
         return 2
     if args.peers is not None and not args.peers.is_dir():
         print(f"moebench bench: --peers {args.peers} is not a directory", file=sys.stderr)
+        return 2
+    unsafe = unsafe_peers(args.peers) if args.peers is not None else None
+    if unsafe:  # the peers' Python runs with this user's rights: only from a place no one else can write to
+        print(f"moebench bench: refusing to import peers from --peers {args.peers}: {unsafe}", file=sys.stderr)
         return 2
 
     peers, notes = import_peers(args.peers)

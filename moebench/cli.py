@@ -10,7 +10,9 @@ import importlib
 import os
 import sys
 
+from . import plugins
 from .allocator import tune_cpu_allocator
+from .errors import UserError
 
 COMMANDS = {  # name -> (module, one-line help)
     "train": ("train", "train, evaluate and measure a model (a Hydra app: key=value overrides,\n"
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sleep_idle_openmp_threads()
     tune_cpu_allocator()
+    try:
+        plugins.load()  # routers from outside moebench (MOEBENCH_PLUGINS): every subcommand knows them
+    except UserError as err:
+        print(f"moebench: error: {err}", file=sys.stderr)
+        return 2
     try:
         module = importlib.import_module(f".{COMMANDS[command][0]}", __package__)
         return module.main(args)

@@ -3,7 +3,7 @@
 The YAML comments are the documentation of every key (the developer guide asks
 for one per key), so the help text is built from them at run time and cannot
 drift from the configs. Hydra's help template (conf/train.yaml, hydra.help)
-calls the ``moebench_help`` resolver registered here.
+calls the ``moebench_help`` resolver (``help_resolver``, registered by resolvers.py).
 """
 
 from __future__ import annotations
@@ -164,11 +164,9 @@ def conf_root() -> Path:
     return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
 
-def _resolver(*, _root_) -> str:
+def help_resolver(*, _root_) -> str:
     values = OmegaConf.to_container(_root_, resolve=False)
     choices = OmegaConf.to_container(_root_.hydra.runtime.choices, resolve=False) if "hydra" in _root_ else {}
     # Hydra fills its template with string.Template: a literal "$" (e.g. in ${experts}) is written "$$".
     return help_text(conf_root(), values, choices).replace("$", "$$")
 
-
-OmegaConf.register_new_resolver("moebench_help", _resolver, replace=True)

@@ -52,6 +52,27 @@ class ImageData:
         return self.train_images.shape[-1]
 
 
+CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's extracted files
+GENERATED = {"digits": "bundled with scikit-learn", "synthetic": "generated"}
+
+
+def check_source(name: str, root: str | None, download: bool = False) -> str | None:
+    """Before anything is written: DataError when the data cannot be where ``root`` says (the checks that
+    need no reading); a warning (returned) when a dataset that needs no files is given a root."""
+    if name not in NAMES:
+        raise DataError(f"data.name={name!r} is unknown; allowed: {', '.join(NAMES)}")
+    if name in GENERATED:
+        return f"data.root={root} is ignored: data={name} is {GENERATED[name]}" if root else None
+    if name == "imagefolder" or _is_imagefolder(root):
+        _imagefolder_dirs(root)
+    elif not download and not (Path(root or "data").expanduser() / CIFAR_DIRS[name]).is_dir():
+        where = Path(root or "data").expanduser().resolve()
+        raise DataError(f"{name} not found in {where} (no {CIFAR_DIRS[name]}/ there); set data.download=true when "
+                        "online, or point data.root at torchvision's files or at an ImageFolder tree "
+                        "(ROOT/train/<class>/, ROOT/test/<class>/)")
+    return None
+
+
 def load_data(
     name: str,
     *,
@@ -193,8 +214,12 @@ def _synthetic(num_train: int, num_test: int, size: int, seed: int):
 
 # ----------------------------------------------------------------------------- ImageFolder
 
-def _imagefolder(root: str | None, image_size: int | None, cache_dir: str | None):
-    layout = "expected ROOT/train/<class>/<image> and ROOT/test/<class>/<image> (or val/)"
+IMAGEFOLDER_LAYOUT = "expected ROOT/train/<class>/<image> and ROOT/test/<class>/<image> (or val/)"
+
+
+def _imagefolder_dirs(root: str | None) -> tuple[Path, Path, Path]:
+    """(root, train dir, test dir) of an ImageFolder tree; DataError naming what is missing."""
+    layout = IMAGEFOLDER_LAYOUT
     if not root:
         raise DataError(f"data=imagefolder needs data.root=DIR; {layout}")
     root_path = Path(root).expanduser().resolve()
@@ -204,6 +229,12 @@ def _imagefolder(root: str | None, image_size: int | None, cache_dir: str | None
     test_dir = next((root_path / n for n in ("test", "val") if (root_path / n).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
         raise DataError(f"data.root={root_path} lacks train/ and test/ (or val/); {layout}")
+    return root_path, train_dir, test_dir
+
+
+def _imagefolder(root: str | None, image_size: int | None, cache_dir: str | None):
+    layout = IMAGEFOLDER_LAYOUT
+    root_path, train_dir, test_dir = _imagefolder_dirs(root)
     train_files, classes = _scan(train_dir, layout)
     test_files, test_classes = _scan(test_dir, layout)
     if test_classes != classes:

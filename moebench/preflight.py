@@ -25,7 +25,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
-from . import checkpoint, schema, search, upcycle
+from . import checkpoint, resolvers, schema, search, upcycle
+from .data import DataError, check_source
 from .errors import ConfigError
 
 PASSTHROUGH_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "experimental_rerun")
@@ -40,6 +41,7 @@ class Command:
     run_dir: Path | None = None  # single runs: the pinned run dir
     sweep_dir: Path | None = None
     user_args: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # one line each, printed once by the caller
 
     def resume_command(self, run_dir: Path) -> str:
         """The command that continues ``run_dir`` (a single run) or the whole sweep."""
@@ -54,8 +56,11 @@ def quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def prepare(args: list[str], config_dir: str, validate=None) -> Command:
-    """Check ``args`` and return the argv to give Hydra. Raises UserError (one line) when they are wrong."""
+def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Command:
+    """Check ``args`` and return the argv to give Hydra. Raises UserError (one line) when they are wrong.
+    ``validate``: the cross-key rules (single runs; under -m they fail only their job); ``fits``: the
+    memory estimate (every job: a run that cannot fit refuses the whole command)."""
+    resolvers.register()  # Hydra's keys (run and sweep dirs) interpolate ${moebench_now:}
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             parsed_args = get_args_parser().parse_args(args)
@@ -70,6 +75,7 @@ def prepare(args: list[str], config_dir: str, validate=None) -> Command:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
         raise ConfigError(f"cannot parse the overrides: {one_line(err)}") from None
+    check_experiment_values(parsed, config_dir)
     jobs = job_overrides(parsed, command.multirun)
     if not jobs:  # a range or interval sweep: Hydra's sweeper checks it
         return command
@@ -91,10 +97,13 @@ def prepare(args: list[str], config_dir: str, validate=None) -> Command:
                     raise schema.unknown_key_error(key.lstrip("+"), known)
             schema.check(resolve(cfg), resolve(defaults[groups], quiet=True))
             search.check(cfg)  # objective names; under hydra/sweeper=optuna, one fitting direction each
+            check_data(cfg, command.warnings)
             if cfg.get("init_from"):
                 init_jobs.append(resolve(cfg))
             if validate is not None and not command.multirun:
-                validate(cfg)
+                validate(cfg)  # (memory included)
+            elif fits is not None:
+                fits(cfg)
 
     hydra_cfg = first.hydra
     if command.multirun:
@@ -109,7 +118,7 @@ def prepare(args: list[str], config_dir: str, validate=None) -> Command:
     resume = first.get("resume")
     if resume:
         ckpt_file = checkpoint.checkpoint_path(str(resume))
-        ckpt = checkpoint.load_checkpoint(ckpt_file)
+        ckpt = checkpoint.load_checkpoint(ckpt_file, quiet=True)  # the run says it if it uses last.pt.prev
         checkpoint.check_resume_config(ckpt["config"], resolve(first), ckpt_file)
         run_dir = ckpt_file.parent  # a resumed run writes everything (.hydra/, train.log too) where it began
         command.args = [a for a in command.args if a.split("=", 1)[0].lstrip("+") != "hydra.run.dir"]
@@ -132,6 +141,33 @@ def is_group_choice(override: str) -> bool:
     return key in GROUPS or "/" in key
 
 
+def check_data(cfg, warnings: list[str]) -> None:
+    """The data must be where data.root says before any run dir exists (the checks that read no images)."""
+    d = cfg.data
+    try:
+        warning = check_source(d.name, d.get("root"), bool(d.get("download")))
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    if warning and warning not in warnings:
+        warnings.append(warning)
+
+
+def check_experiment_values(parsed, config_dir: str) -> None:
+    """experiment= names a preset of conf/experiment/; a path gets told how Hydra takes a config file."""
+    for o in parsed:
+        if o.get_key_element().lstrip("+~") != "experiment":
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else [str(o.value())]
+        for value in values:
+            if "/" in value or value.endswith((".yaml", ".yml")):
+                presets = sorted(p.stem for p in (Path(config_dir) / "experiment").glob("*.yaml"))
+                raise ConfigError(
+                    f"experiment={value}: experiment= takes a preset name, not a path; allowed: {', '.join(presets)}. "
+                    "For a preset file of your own, put it at DIR/experiment/NAME.yaml and run "
+                    "`moebench train --config-dir DIR experiment=NAME` (Hydra's --config-dir adds DIR to the "
+                    "search path; --config-dir DIR --config-name NAME would make DIR/NAME.yaml the whole config)")
+
+
 def check_previous_run(run_dir: Path, config: dict) -> None:
     """Running again into a run dir continues (or skips) the run there: only if it is the same experiment."""
     import json
@@ -144,7 +180,7 @@ def check_previous_run(run_dir: Path, config: dict) -> None:
     if previous.get("status") == "completed" and previous.get("config"):
         checkpoint.check_resume_config(previous["config"], config, result_file)
     elif (run_dir / "last.pt").is_file():
-        ckpt = checkpoint.load_checkpoint(run_dir / "last.pt")
+        ckpt = checkpoint.load_checkpoint(run_dir / "last.pt", quiet=True)
         checkpoint.check_resume_config(ckpt["config"], config, run_dir / "last.pt")
 
 

@@ -17,7 +17,6 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import confhelp  # noqa: F401  (registers ${moebench_help:} for `moebench train --help` before Hydra composes)
 
 log = logging.getLogger("moebench")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from .checkpoint import verify
 from .errors import CheckpointError
 
 
@@ -51,6 +52,7 @@ def _read_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {first}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} is not a moebench checkpoint (no model state dict and config)")
+    verify(ckpt, path)
     return ckpt
 
 
@@ -66,7 +68,7 @@ def _shapes(state: dict, path: Path) -> tuple[int, int]:
 
 def load_run(run_dir: str | Path, checkpoint: str = "last.pt", device: str | torch.device = "cpu") -> LoadedRun:
     """The model of ``run_dir`` with the weights of ``checkpoint`` (a file name in the run dir)."""
-    from .train import build_model  # the one place that turns a config into a model
+    from .build import build_model  # the one place that turns a config into a model
 
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():

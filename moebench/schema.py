@@ -1,14 +1,16 @@
 """The typed schema of the train config: every value's type and range, checked before any work.
 
 conf/ stays the single source of defaults and of which keys exist; this module
-says what each value may be. Keys it does not list take the type of their
-default in conf/ (an int stays an int, a bool a bool...). Cross-key rules
-(k <= experts, divisibility by the number of processes...) are ``train.validate``'s.
+says what each value may be (a router's options: its module, moe/registry.py).
+Keys it does not list take the type of their default in conf/ (an int stays an
+int, a bool a bool...). Cross-key rules
+(k <= experts, divisibility by the number of processes...) are ``build.validate``'s.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -25,11 +27,12 @@ class Spec:
     choices: tuple = ()  # allowed strings (for kind str: the only ones; else: besides the kind)
     nullable: bool = False
     item: str | None = None  # kind list: the kind of each item
+    infinite: bool = False  # kind float: inf is a meaningful value (NaN never is)
 
     def allowed(self) -> str:
         parts = []
         if self.kind in ("int", "float"):
-            what = "an int" if self.kind == "int" else "a number"
+            what = "an int" if self.kind == "int" else ("a number" if self.infinite else "a finite number")
             if self.low is not None:
                 what += f" {'>' if self.open_low else '>='} {self.low:g}"
             if self.high is not None:
@@ -60,6 +63,8 @@ class Spec:
                 else isinstance(value, list)
         if isinstance(value, bool) or not isinstance(value, int if self.kind == "int" else NUMBER):
             return False
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not self.infinite)):
+            return False  # NaN passes every comparison below; inf only where the key gives it a meaning
         if self.low is not None and (value <= self.low if self.open_low else value < self.low):
             return False
         return self.high is None or value < self.high
@@ -94,8 +99,8 @@ SCHEMA: dict[str, Spec] = {
     # train
     "train.epochs": Int(1), "train.lr": Positive(), "train.weight_decay": Float(0), "train.betas": Spec("list", item="float"),
     "train.warmup_epochs": Float(0), "train.schedule": Choice("cosine", "rsqrt", "constant"),
-    "train.grad_clip": Positive(nullable=True), "train.label_smoothing": Float(0, high=1), "train.log_every": Int(1),
-    "train.time_limit_min": Float(0, nullable=True), "train.save_checkpoints": BOOL, "train.save_best": BOOL,
+    "train.grad_clip": Positive(nullable=True, infinite=True), "train.label_smoothing": Float(0, high=1), "train.log_every": Int(1),
+    "train.time_limit_min": Float(0, nullable=True, infinite=True), "train.save_checkpoints": BOOL, "train.save_best": BOOL,
     "train.checkpoint_every_min": Positive(nullable=True), "train.checkpoint_every_steps": Int(1, nullable=True),
     "train.skip_nonfinite_steps": Int(0), "train.preempt_signals": Spec("list", item="str"),
     # cost
@@ -112,7 +117,7 @@ SCHEMA: dict[str, Spec] = {
     "data.augment.randaugment_ops": Int(1, nullable=True), "data.augment.mixup": Positive(nullable=True),
     "data.augment.cutmix": Positive(nullable=True),
     # model
-    # (null: the timm model's own value under model=timm; train.validate refuses it for moebench's ViT)
+    # (null: the timm model's own value under model=timm; build.validate refuses it for moebench's ViT)
     "model.name": STR, "model.patch_size": Int(1, nullable=True), "model.dim": Int(1, nullable=True),
     "model.depth": Int(1, nullable=True), "model.heads": Int(1, nullable=True),
     "model.mlp_dim": Int(1, nullable=True), "model.pool": Choice("gap", "cls", nullable=True),
@@ -120,15 +125,60 @@ SCHEMA: dict[str, Spec] = {
     "model.moe.n": Int(0, nullable=True), "model.moe.layers": Spec("list", item="int", nullable=True),
     "model.backbone": Choice("timm"), "model.img_size": Int(1), "model.drop_path": Float(0, high=1),
     "model.pretrained_file": Spec("str", nullable=True),
-    # router (the shortcut keys are checked where a router uses them)
-    "router.num_experts": Int(1), "router.slots_per_expert": Int(1), "router.slot_factor": Positive(nullable=True),
-    "router.k": Int(1), "router.capacity_factor": Positive(), "router.group_size": Int(1),
-    "router.noise_std": Float(0), "router.capacity_rounding": ROUNDING, "router.lr_mult": Float(0),
-    "router.dispatch": Choice("soft", "uniform", "identity"), "router.combine": Choice("soft", "uniform", "identity"),
-    "router.importance_weight": Float(0), "router.load_weight": Float(0), "router.switch_weight": Float(0),
-    "router.z_loss_weight": Float(0), "router.dispatch_normalized": Spec("bool", nullable=True),
+    # router: every router's own options are its module's (moe/registry.py: Router.options, router_spec);
+    # the shortcut keys are checked where a router uses them
+    "router.name": STR, "router.lr_mult": Float(0),
     "search.objectives": Spec("list", item="str"),  # names: search.check
 }
+# What each key does to a run. Every key changes the result unless listed here; `moebench pareto`'s
+# grouping of runs into arms (pareto.NEUTRAL_KEYS) and what a resume may change
+# (checkpoint.RESUME_MAY_DIFFER) both derive from this one table, so they cannot disagree.
+RESULT = "result"  # changes what is trained (every key not listed)
+PER_RUN = "per-run"  # not what makes an arm, but fixed for a run's life: the seed (runs differing only in
+# it are seeds of one arm) and policies that change nothing until they act (a resume keeps them)
+LENGTH = "length"  # changes the result, but a resume may extend or shorten the run
+BOOKKEEPING = "bookkeeping"  # where it logs, on what hardware, how long it may run, how it is measured
+ROLES = {
+    "seed": PER_RUN,
+    "train.skip_nonfinite_steps": PER_RUN,  # a run that never has a non-finite step is the same run
+    "train.epochs": LENGTH,
+    **dict.fromkeys((
+        "wandb", "resume", "threads", "device", "expert_parallel", "search",
+        "eval",  # probes after training
+        "cost",  # how the trained model's cost is measured
+        "deterministic",  # bit-exact variants of the same algorithms
+        "experts", "slots", "k", "capacity_factor",  # shortcuts: they count through the router keys they feed
+        "data.root", "data.download", "data.eval_batch_size",
+        "train.log_every", "train.time_limit_min", "train.save_checkpoints", "train.save_best",
+        "train.checkpoint_every_min", "train.checkpoint_every_steps", "train.preempt_signals",
+    ), BOOKKEEPING),
+}
+# The keys of a result that make a setup (one frontier): data, model, schedule and numerics. The
+# MoE placement (model.moe) belongs to the router design, so it varies between arms of one setup.
+SETUP_KEYS = ("data", "model", "train", "precision", "compile")
+ARM_ONLY_KEYS = ("model.moe",)
+
+
+def under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """``key`` is one of ``prefixes`` or lies in one of those sections."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def role(key: str) -> str:
+    """The role of a dotted key: its own entry in ROLES, else its nearest section's, else RESULT."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        found = ROLES.get(".".join(parts[:end]))
+        if found:
+            return found
+    return RESULT
+
+
+def keys_with(*roles: str) -> tuple[str, ...]:
+    """The keys and sections of ROLES that have one of ``roles``."""
+    return tuple(key for key, value in ROLES.items() if value in roles)
+
+
 SHORTCUTS = {"router.num_experts": "experts", "router.slots_per_expert": "slots", "router.k": "k",
              "router.capacity_factor": "capacity_factor"}
 UNCHECKED = ("experts", "slots", "k", "capacity_factor", "hydra")  # shortcuts: through the router keys
@@ -160,6 +210,14 @@ def inferred(default) -> Spec | None:
     return None  # null default: anything
 
 
+def router_spec(key: str, config: dict) -> Spec | None:
+    """The spec of ``router.<option>`` as the config's router (moe/registry.py) declares it."""
+    from .moe import registry  # the routers' modules use this module's specs: import at call time
+
+    router = registry.find((config.get("router") or {}).get("name"))
+    return router.options.get(key.split(".", 1)[1]) if router and key.startswith("router.") else None
+
+
 def label(key: str) -> str:
     return f"{SHORTCUTS[key]} ({key})" if key in SHORTCUTS else key
 
@@ -174,7 +232,7 @@ def check(config: dict, defaults: dict | None = None) -> None:
     for key, value in flat.items():
         if key.split(".")[0] in UNCHECKED:
             continue
-        spec = SCHEMA.get(key) or inferred(base.get(key))
+        spec = SCHEMA.get(key) or router_spec(key, config) or inferred(base.get(key))
         if spec is not None and not spec.accepts(value):
             raise ConfigError(f"{label(key)} must be {spec.allowed()}, got {value!r}")
 

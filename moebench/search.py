@@ -107,7 +107,7 @@ def value(result: dict, name: str) -> float | None:
     if name in QUALITY_OBJECTIVES:
         raw = (result.get("quality") or {}).get(name)
     else:
-        from .pareto import COST_AXES  # the cost axes as `moebench pareto` reads them
+        from .pareto.records import COST_AXES  # the cost axes as `moebench pareto` reads them
 
         try:
             raw = COST_AXES[name].value(result.get("cost") or {})

@@ -14,13 +14,16 @@ diverged   a non-finite loss or gradient norm                  3
 failed     an error (bad input refused before any work: 2)     1
 =========  ==================================================  =========
 
-A sweep (``-m``) exits 0 when every job completed or stopped, with the
-signal's code when a signal stopped it, and 1 otherwise.
+A sweep (``-m``) exits 0 when every one of its own jobs completed or stopped (runs
+of another launch in the same sweep dir do not count), with the signal's code when
+a signal stopped it, and 1 otherwise.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 COMPLETED, STOPPED, PREEMPTED, DIVERGED, FAILED = "completed", "stopped", "preempted", "diverged", "failed"
 STATUSES = (COMPLETED, STOPPED, PREEMPTED, DIVERGED, FAILED)
@@ -39,6 +42,22 @@ NOT_OK = (FAILED, DIVERGED, PREEMPTED, "unfinished", "unreadable", "running")
 # that did not end well: `moebench train`'s exit code.
 FAILED_JOBS: list[str] = []
 DIVERGED_JOBS: list[str] = []
+
+
+# A launch: one `moebench train` command. Its id reaches its jobs (launcher workers too) through the
+# environment; each job writes it into its run dir's lock file, so a sweep dir shared by several
+# launches still tells which runs are whose (the exit code, pareto's "running").
+LAUNCH_ENV = "MOEBENCH_LAUNCH"
+
+
+def start_launch() -> str:
+    launch = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_pid{os.getpid()}"
+    os.environ[LAUNCH_ENV] = launch
+    return launch
+
+
+def this_launch() -> str | None:
+    return os.environ.get(LAUNCH_ENV) or None
 
 
 def exit_code(status: str, signum: int | None = None) -> int:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UserError
+from .moe import registry
 from .vit import moe_block_indices
 
 BACKBONE = "timm"  # model.backbone of conf/model/timm.yaml
@@ -148,7 +149,9 @@ def replaced_blocks(cfg, depth: int) -> list[int]:
     """Blocks whose MLP moebench replaces: the MoE blocks; none for dense, but for a
     ``router.mlp_mult`` capacity control (a wider dense MLP where an MoE would go)."""
     r, moe = cfg.router, cfg.model.moe
-    if r.name == "dense" and r.get("mlp_mult", 1) == 1:
+    router = registry.get(r.name)
+    options = {key: value for key, value in r.items() if key not in ("name", "lr_mult")}
+    if not router.routed and not router.replaces_blocks(options):
         return []  # timm's own MLPs: the dense baseline as timm defines it
     return moe_block_indices(depth, moe.placement, moe.n, list(moe.layers) if moe.layers is not None else None)
 
@@ -277,7 +280,7 @@ def build(cfg, in_chans: int, num_classes: int, make_layer: Callable[[int, int, 
     kwargs = {**timm_kwargs(m, lambda: arch_dim(m.name)), "in_chans": in_chans, "num_classes": num_classes}
     pretrained = bool(m.get("pretrained")) and load_pretrained
     model = _create(m.name, pretrained, kwargs, m.get("pretrained_file"))
-    upcycle = pretrained and bool(m.get("upcycle", True)) and cfg.router.name != "dense"
+    upcycle = pretrained and bool(m.get("upcycle", True)) and registry.get(cfg.router.name).routed
     for i in replaced_blocks(cfg, lay.depth):
         block = model.blocks[i]
         old = block.mlp

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,8 +21,9 @@ import torch
 from . import faults
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same dir, then rename: readers never see half a file."""
+def _atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
+    """Write through a temp file in the same dir, then rename: readers never see half a file.
+    ``keep_previous``: the file being replaced stays there (a hard link, itself renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -31,12 +34,26 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             faults.hit(f"write:{path.name}")  # the tests' kill -9 in the middle of a write
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            replace_with_copy(path, Path(keep_previous))
         os.replace(tmp, path)
         _fsync_dir(path.parent)  # the rename itself survives a crash too
     except BaseException:
         with contextlib.suppress(OSError):  # a full disk or a removed dir: the write's own error matters
             os.unlink(tmp)
         raise
+
+
+def replace_with_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` in one rename (a hard link where the file system has them)."""
+    tmp = Path(dst).with_name(f".{Path(dst).name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -63,8 +80,12 @@ def atomic_write_json(path: Path, obj) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(obj, path: Path, keep_previous: Path | None = None) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f), keep_previous)
 
 
 def _json_default(value):
@@ -81,7 +102,24 @@ def _scalar(value):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The lines of a metrics.jsonl; a damaged line (cut short, overwritten) is skipped with one warning."""
+    lines, damaged = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        line = line.strip().strip("\0")  # NUL bytes: a hole another writer left in the file
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            lines.append(record)
+        else:
+            damaged.append(number)
+    if damaged:
+        shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+        print(f"moebench: warning: {path}: skipped {len(damaged)} damaged line(s) ({shown})", file=sys.stderr)
+    return lines
 
 
 class RunRecorder:
@@ -103,7 +141,11 @@ class RunRecorder:
             kept = [line for line in read_metrics(self.metrics_path) if line.get("step", 0) <= resume_step]
             data = "".join(json.dumps(line) + "\n" for line in kept).encode()
             _atomic_write(self.metrics_path, lambda f: f.write(data))
-        self._file = open(self.metrics_path, "a" if resume_step is not None else "w")
+        # Only ever appended to (O_APPEND: every line lands at the end, whatever else opened the file);
+        # a fresh start truncates it first (the run dir's lock holder only: train.run_job).
+        self._file = open(self.metrics_path, "a")
+        if resume_step is None:
+            self._file.truncate(0)
         self.wandb_run = None
         if wandb_cfg and wandb_cfg.get("mode", "disabled") != "disabled":
             self.wandb_run = self._init_wandb(config, wandb_cfg)

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import cost
+from . import checkpoint, cost
 from .errors import CheckpointError
 
 # Keys that fix the shapes of the backbone's weights: they must be those of the source run.
@@ -100,6 +100,7 @@ def read_checkpoint(path: Path) -> dict:
                               f"{str(err).splitlines()[0] if str(err) else ''}") from None
     if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
         raise CheckpointError(f"init_from: {path} is not a moebench checkpoint (missing model/config)")
+    checkpoint.verify(ckpt, path)
     return ckpt
 
 

@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-# A model and data small enough for a few seconds per run on 2 CPU cores.
-TINY = ["experiment=smoke"]  # conf/experiment/smoke.yaml: a whole run in seconds
-SPARSE = {"tokens_choice": ["router.group_size=2"], "experts_choice": ["router.group_size=2"]}
-ENV = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-
-
-def moebench(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "moebench", *args], capture_output=True, text=True, cwd=cwd,
-        env=env or ENV, timeout=600,
-    )
-
-
-def train(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[subprocess.CompletedProcess, Path]:
-    run_dir = tmp_path / name
-    proc = moebench("train", *TINY, *overrides, f"hydra.run.dir={run_dir}")
-    return proc, run_dir
-
-
-def result(run_dir: Path) -> dict:
-    return json.loads((run_dir / "result.json").read_text())
-
-
-def metric_lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from conftest import ENV, REPO, SPARSE, TINY, metric_lines, moebench, result, train  # noqa: F401 (re-exported)
 
 
 @pytest.mark.parametrize("router", ["soft", "tokens_choice", "experts_choice", "dense"])
@@ -70,14 +42,22 @@ def test_each_router_trains_and_records_cost_and_quality(tmp_path, router):
 
 
 def test_strong_augmentation_trains_with_mixed_labels(tmp_path):
-    """RandAugment + MixUp/CutMix end to end: soft targets reach the loss, and the run completes."""
-    proc, run_dir = train(tmp_path, "router=soft", "data.augment.randaugment=9", "data.augment.mixup=0.8",
-                          "data.augment.cutmix=1.0")
+    """RandAugment + MixUp/CutMix end to end: soft targets reach the loss, and the run completes.
+    The same run without MixUp/CutMix starts from the same weights and batches (before mixing); the
+    first loss is ln(10) for both (the head starts at zero: uniform predictions, whatever the targets),
+    so the losses after it differ only if mixed targets reached the steps."""
+    common = ["router=soft", "data.augment.randaugment=9", "train.log_every=1"]
+    proc, run_dir = train(tmp_path, *common, "data.augment.mixup=0.8", "data.augment.cutmix=1.0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = result(run_dir)
     assert res["status"] == "completed" and res["config"]["data"]["augment"]["mixup"] == 0.8
     losses = [line["train/loss"] for line in metric_lines(run_dir) if "train/loss" in line]
     assert losses and all(loss == loss and loss > 0 for loss in losses)
+    proc, plain_dir = train(tmp_path, *common, name="unmixed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = [line["train/loss"] for line in metric_lines(plain_dir) if "train/loss" in line]
+    assert len(losses) == len(plain) >= 2
+    assert max(abs(a - b) for a, b in zip(losses[1:], plain[1:])) > 1e-4, (losses, plain)
 
 
 def test_gflops_per_image_is_the_analytic_count(tmp_path):
@@ -165,9 +145,16 @@ REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
     (["experts=many"], "experts (router.num_experts) must be an int >= 1, got 'many'"),
     (["train.epochs=two"], "train.epochs must be an int >= 1, got 'two'"),
     (["experts=4.5"], "experts (router.num_experts) must be an int >= 1, got 4.5"),
-    (["train.lr=0"], "train.lr must be a number > 0, got 0"),
+    (["train.lr=0"], "train.lr must be a finite number > 0, got 0"),
+    (["train.lr=nan"], "train.lr must be a finite number > 0, got nan"),
+    (["train.weight_decay=inf"], "train.weight_decay must be a finite number >= 0, got inf"),
+    (["router=tokens_choice", "router.capacity_factor=nan"],
+     "capacity_factor (router.capacity_factor) must be a finite number > 0, got nan"),
+    (["router=tokens_choice", "capacity_factor=-inf"],
+     "capacity_factor (router.capacity_factor) must be a finite number > 0, got -inf"),
+    (["-m", "train.lr=0.003,nan,0.001"], "train.lr must be a finite number > 0, got nan"),
     (["deterministic=maybe"], "deterministic must be true or false, got 'maybe'"),
-    (["data.val_fraction=1"], "data.val_fraction must be a number >= 0 and < 1, got 1"),
+    (["data.val_fraction=1"], "data.val_fraction must be a finite number >= 0 and < 1, got 1"),
     (["expert=8"], "unknown config key 'expert' (did you mean experts?)"),
     (["+expert=8"], "unknown config key 'expert' (did you mean experts?)"),
     (["router=tokens_choice", "+router.topk=2"], "unknown config key 'router.topk' (did you mean router.k?)"),
@@ -175,6 +162,15 @@ REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
     (["experts=[1"], "cannot parse the overrides: no viable alternative at input '[1'"),
     (["router=soft,dense"], "router=soft,dense: a sweep (several values) needs -m/--multirun"),
     (["-m", "router=soft,dense", "experts=4,abc"], "experts (router.num_experts) must be an int >= 1, got 'abc'"),
+    (["data=imagefolder", "data.root=/nonexistent/moebench"], "data.root=/nonexistent/moebench: no such directory "
+     "(/nonexistent/moebench); expected ROOT/train/<class>/<image> and ROOT/test/<class>/<image> (or val/)"),
+    (["-m", "data=cifar10", "data.root=/nonexistent/moebench"], "cifar10 not found in /nonexistent/moebench (no "
+     "cifar-10-batches-py/ there); set data.download=true when online, or point data.root at torchvision's files "
+     "or at an ImageFolder tree (ROOT/train/<class>/, ROOT/test/<class>/)"),
+    (["experiment=/abs/dir/x.yaml"], "experiment=/abs/dir/x.yaml: experiment= takes a preset name, not a path; "
+     "allowed: cifar10, smoke, tinyimagenet. For a preset file of your own, put it at DIR/experiment/NAME.yaml and "
+     "run `moebench train --config-dir DIR experiment=NAME` (Hydra's --config-dir adds DIR to the search path; "
+     "--config-dir DIR --config-name NAME would make DIR/NAME.yaml the whole config)"),
 ]
 
 
@@ -183,6 +179,26 @@ def test_wrong_types_unknown_keys_and_bad_overrides_are_refused_before_any_work(
     proc = moebench("train", *overrides, *TINY, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"moebench: error: {line}"], proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir
+
+
+def test_a_root_for_data_that_needs_none_is_one_warning(tmp_path):
+    proc, run_dir = train(tmp_path, "data=digits", "data.root=/nonexistent/moebench", "data.num_train=64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("moebench: warning: ")]
+    assert warnings == ["moebench: warning: data.root=/nonexistent/moebench is ignored: data=digits is bundled "
+                        "with scikit-learn"]
+    assert result(run_dir)["status"] == "completed"
+
+
+@pytest.mark.parametrize("multirun", [[], ["-m"]], ids=["run", "sweep"])
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_any_allocation(tmp_path, multirun):
+    experts = ["experts=4,1000000000"] if multirun else ["experts=1000000000"]
+    proc = moebench("train", *multirun, *TINY, *experts, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("moebench: error: this run cannot fit in memory: experts=1000000000, model.dim=16, ")
+    assert " GB (1,088,000,021,257 parameters with gradients and AdamW state " in line and "(RAM) has " in line
     assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir
 
 

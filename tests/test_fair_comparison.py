@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from moebench.data import channel_stats, load_data
 from moebench.moe.decay import weight_decay_split
-from moebench.train import build_model, conf_dir, make_optimizer, optimizer_record
+from moebench.build import build_model, make_optimizer, optimizer_record
+from conftest import compose_cfg
 
 ROUTERS = ("soft", "tokens_choice", "experts_choice", "dense")
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def groups_for(router: str, *overrides: str) -> tuple[set[str], set[str]]:
@@ -139,3 +134,27 @@ def test_router_dispatch_normalized_reaches_the_soft_moe_layers_and_is_off_by_de
     default = build_model(compose_cfg("router=soft", "experts=4"), in_chans=1, num_classes=10)
     port = build_model(compose_cfg("router=soft", "experts=4", "router.dispatch_normalized=true"), 1, 10)
     assert default.blocks[3].mlp.dispatch_normalized is False and port.blocks[3].mlp.dispatch_normalized is True
+
+
+def test_router_lr_mult_zero_freezes_the_router_and_trains_the_rest():
+    """router.lr_mult=0 is a frozen router: its parameters keep their initial values
+    (lr 0, and AdamW's decoupled decay is lr * weight_decay, so 0 too) while the experts move."""
+    torch.manual_seed(0)
+    cfg = compose_cfg("router=tokens_choice", "experts=4", "router.lr_mult=0", "train.weight_decay=0.1")
+    model = build_model(cfg, in_chans=1, num_classes=10)
+    optimizer = make_optimizer(model, cfg)
+    by_name = {n: g for g in optimizer.param_groups for n in g["names"]}
+    assert by_name["blocks.3.mlp.gate.weight"]["lr_mult"] == 0
+    assert optimizer_record(optimizer)["lr_mult"]["blocks.3.mlp.gate.weight"] == 0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):  # as the training loop sets each group's lr
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.train.lr * group["lr_mult"]
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.randn(8, 1, 8, 8)), torch.arange(8)).backward()
+        optimizer.step()
+    params = dict(model.named_parameters())
+    assert params["blocks.3.mlp.gate.weight"].grad is not None  # it had a gradient: lr 0 is what froze it
+    for name in ("blocks.2.mlp.gate.weight", "blocks.3.mlp.gate.weight"):
+        assert torch.equal(params[name], before[name]), name
+    assert not torch.equal(params["blocks.3.mlp.experts.w1"], before["blocks.3.mlp.experts.w1"])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import ENV, metric_lines, moebench, result
+from conftest import ENV, TINY, metric_lines, moebench, result
 
 # 4 steps per epoch (76 training images after the validation split, batches of 16), 12 in all;
 # Tokens Choice draws routing noise and the crop/flip augmentation draws from the loader's
@@ -236,3 +236,189 @@ def test_records_follow_the_users_umask(tmp_path):
                    capture_output=True, env=ENV, preexec_fn=lambda: os.umask(0o002), timeout=600, check=True)
     for name in ("result.json", "metrics.jsonl", "last.pt", "pareto.json"):
         assert (run_dir / name).stat().st_mode & 0o777 == 0o664, name  # group-readable and -writable, as asked
+
+
+# ----------------------------------------------------------------------------- concurrent launches
+
+def start_sweep(sweep: Path, *overrides: str, env: dict = SLOW) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "moebench", "train", "-m", *RUN, *overrides,
+                             f"hydra.sweep.dir={sweep}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def job_dir(proc: subprocess.Popen, sweep: Path, num: int, steps: int) -> Path:
+    """The dir of the sweep's job ``num`` once it has logged ``steps`` steps (the process still running)."""
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        found = list(sweep.glob(f"{num}_*"))
+        if found and logged_steps(found[0]) >= steps:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(proc.communicate()[1][-3000:])
+
+
+def test_a_sweep_job_whose_dir_another_process_holds_writes_nothing_there(tmp_path, capsys):
+    """The fast form of the next test: this process holds job 0's run dir, as a live run would."""
+    from moebench import checkpoint
+    from moebench.tracking import read_metrics
+
+    sweep = tmp_path / "sweep"
+    run_dir = sweep / "0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n')
+    (run_dir / "train.log").write_text("the live run's log\n")
+    checkpoint.lock_run_dir(run_dir)
+    try:
+        before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+        proc = moebench("train", "-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}",
+                        "hydra.sweep.subdir=${hydra.job.num}")
+    finally:
+        checkpoint.unlock_run_dir(run_dir)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # its own job 0 was refused...
+    assert f"moebench: error: run dir {run_dir} is in use by another run (pid {os.getpid()})" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # ...and wrote nothing there
+    assert result(sweep / "1")["status"] == "completed"  # job 1 ran
+
+    # metrics.jsonl readers skip a damaged line (here: the NUL hole an old truncating writer left) with a warning
+    (run_dir / "metrics.jsonl").write_bytes(b"\0" * 50 + b'{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
+    assert read_metrics(run_dir / "metrics.jsonl") == [{"step": 1}, {"step": 3}]
+    assert "skipped 1 damaged line(s) (2)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the fast test above covers the same guarantee with one process
+def test_a_second_identical_sweep_is_refused_and_writes_nothing_into_the_live_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["seed=0", "train.epochs=40"]  # 160 slowed steps: still training while the second sweep starts
+    first = start_sweep(sweep, *args)
+    try:
+        run_dir = job_dir(first, sweep, 0, steps=2)
+        before = (run_dir / "metrics.jsonl").read_bytes()
+        log_before = (run_dir / "train.log").read_bytes()
+        second = subprocess.run([sys.executable, "-m", "moebench", "train", "-m", *RUN, *args,
+                                 f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, env=ENV, timeout=600)
+        assert second.returncode != 0
+        assert f"is in use by another run (pid {first.pid})" in second.stderr, second.stderr[-3000:]
+        assert "Traceback" not in second.stdout + second.stderr
+        assert first.poll() is None  # the live run was still training all along...
+        assert not (run_dir / "result.json").exists()  # ...and the refused sweep left no record in its dir
+        assert (run_dir / "metrics.jsonl").read_bytes().startswith(before)  # only ever appended to
+        assert "in use by another run" not in (run_dir / "train.log").read_bytes()[len(log_before):].decode()
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGTERM)
+    code, err = signal_at(first, run_dir, 0, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    raw = (run_dir / "metrics.jsonl").read_bytes()
+    assert b"\0" not in raw
+    steps = [line["step"] for line in metric_lines(run_dir) if "train/loss" in line]
+    assert steps == list(range(1, len(steps) + 1))  # every step once, none lost
+    res = result(run_dir)
+    assert res["status"] == "preempted" and res["position"]["step"] == steps[-1]
+
+
+# ----------------------------------------------------------------------------- checkpoints prove themselves
+
+def flip_tensor_bytes(path: Path, count: int = 64) -> None:
+    """Flip ``count`` bytes in the middle of the largest tensor stored in a checkpoint (the file stays a
+    readable zip: torch does not check the entries' CRCs)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(raw[entry.header_offset + 26:entry.header_offset + 28], "little"), \
+        int.from_bytes(raw[entry.header_offset + 28:entry.header_offset + 30], "little")
+    start = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2 - count // 2
+    for i in range(start, start + count):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_damaged_last_checkpoint_is_detected_and_the_previous_one_resumes(tmp_path, straight, damage):
+    run_dir = tmp_path / "run"
+    env = {**ENV, "MOEBENCH_FAULT": "sigkill:step:7"}  # checkpoints at steps 2, 4 (epoch end), 6; dies in step 7
+    proc = moebench("train", *RUN, "train.checkpoint_every_steps=2", f"hydra.run.dir={run_dir}", env=env)
+    assert proc.returncode == -signal.SIGKILL
+    last = run_dir / "last.pt"
+    assert torch.load(last, weights_only=True)["step"] == 6
+    assert torch.load(run_dir / "last.pt.prev", weights_only=True)["step"] == 4  # the one it replaced, kept
+    if damage == "flipped":
+        flip_tensor_bytes(last)
+        torch.load(last, weights_only=True)  # still loads: only the checksum tells
+    else:
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    proc = moebench("train", *RUN, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "last.pt.prev" in line]
+    assert len(lines) == 1 and lines[0].startswith("moebench: warning: "), proc.stderr[-3000:]
+    assert ("fails its checksum" if damage == "flipped" else "cannot read checkpoint") in lines[0]
+    assert "(step 4)" in lines[0] and "Traceback" not in proc.stderr
+    assert (run_dir / "last.pt.damaged").is_file()  # kept for a look
+    assert_same_run(straight, run_dir)  # resumed at step 4: the same run as one never interrupted
+
+
+def test_checksums_catch_changed_values_and_older_checkpoints_without_one_still_load(tmp_path):
+    from moebench import checkpoint
+    from moebench.errors import CheckpointError
+
+    state = {"model": {"w": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)}, "optimizer": {"state": {0: {}}},
+             "epoch": 1, "step": 4, "config": {"lr": 0.1}, "rng": {"torch": torch.zeros(3, dtype=torch.uint8)}}
+    torch.save(state, tmp_path / "old.pt")  # written before checksums existed
+    assert checkpoint.load_checkpoint(tmp_path / "old.pt")["step"] == 4
+    torch.save(checkpoint.with_checksum(state), tmp_path / "new.pt")
+    assert checkpoint.load_checkpoint(tmp_path / "new.pt")["step"] == 4
+    for change in ({"step": 5}, {"config": {"lr": 0.2}}, {"model": {"w": torch.ones(2, 3, dtype=torch.bfloat16)}}):
+        torch.save({**checkpoint.with_checksum(state), **change}, tmp_path / "changed.pt")
+        with pytest.raises(CheckpointError, match="fails its checksum"):
+            checkpoint.load_checkpoint(tmp_path / "changed.pt")
+
+
+def test_a_sweep_counts_only_its_own_jobs_in_a_shared_sweep_dir(tmp_path):
+    """Fast form of the next test: the sweep dir already holds another launch's runs, one in flight
+    (this process holds its lock) and one failed."""
+    from moebench import checkpoint
+
+    sweep = tmp_path / "sweep"
+    running, failed = sweep / "other_running", sweep / "other_failed"
+    for run_dir in (running, failed):
+        (run_dir / ".hydra").mkdir(parents=True)
+    (failed / "result.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    (failed / checkpoint.LOCK_NAME).write_text("999\n2026-01-01_00-00-00_pid999\n")
+    checkpoint.lock_run_dir(running)
+    try:
+        proc = moebench("train", "-m", *TINY, "seed=0", f"hydra.sweep.dir={sweep}")
+    finally:
+        checkpoint.unlock_run_dir(running)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # its own job completed: the others are not its business
+    summary = json.loads((sweep / "pareto.json").read_text())
+    assert len(summary["runs"]) == 1
+    assert {Path(s["run"]).name: s["status"] for s in summary["skipped"]} == \
+        {"other_running": "running", "other_failed": "failed"}
+    [record] = sweep.glob("multirun.*_pid*.yaml")  # this launch's own record, beside Hydra's multirun.yaml
+    assert "seed=0" in record.read_text() and (sweep / "multirun.yaml").is_file()
+    assert not list(sweep.glob(".*.tmp"))  # pareto files replaced atomically
+
+
+@pytest.mark.slow  # the fast test above covers the same guarantees with one sweep process
+def test_two_sweeps_into_one_sweep_dir_each_exit_by_their_own_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    first = start_sweep(sweep, "seed=0,1")
+    try:
+        job_dir(first, sweep, 0, steps=1)
+        os.kill(first.pid, signal.SIGSTOP)  # its job 0 stays in flight, lock held, while the second sweep runs
+        second = subprocess.run([sys.executable, "-m", "moebench", "train", "-m", *RUN, "seed=2,3",
+                                 f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, env=ENV, timeout=600)
+        summary = json.loads((sweep / "pareto.json").read_text())
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [s["status"] for s in summary["skipped"]] == ["running"] and len(summary["runs"]) == 2
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    summary = json.loads((sweep / "pareto.json").read_text())
+    assert len(summary["runs"]) == 4 and not summary["skipped"]  # the last to end aggregates all four
+    assert len((sweep / "pareto.csv").read_text().splitlines()) == 5
+    records = sorted(p.read_text() for p in sweep.glob("multirun.*_pid*.yaml"))
+    assert len(records) == 2 and any("seed=0,1" in r for r in records) and any("seed=2,3" in r for r in records)

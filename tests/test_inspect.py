@@ -12,9 +12,10 @@ from PIL import Image
 
 from moebench.inspection.routing import SoftRouting, capture, moe_layers, rebuild_output, route
 from moebench.inspection.summary import LayerSummary
+from moebench.moe import SoftMoE
 from moebench.runs import load_run, load_run_data
 
-from test_cli import SPARSE, moebench
+from conftest import SPARSE, moebench
 
 # Digits at 8x8 with 2x2 patches: a 4x4 grid of 16 tokens, 4 experts (smoke model, 1 epoch).
 DIGITS = ["experiment=smoke", "data=digits", "data.num_test=64", "model.patch_size=2"]
@@ -81,6 +82,23 @@ def test_recomputed_routing_rebuilds_each_layer_output_and_matches_its_metrics(r
             assert bool((per_group == layer.capacity(32)).all())
         assert sum(stats["load_share"]) == pytest.approx(1.0)
         assert sum(stats["first_choice_share"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"dispatch_normalized": True}, {"normalize": False, "scale_init": 8.0},
+    {"dispatch": "uniform"}, {"combine": "uniform"}, {"dispatch": "identity", "combine": "identity", "slots_per_expert": 4},
+])
+def test_inspected_soft_routing_is_the_layers_own_for_every_option(options):
+    """The routing `moebench inspect` draws rebuilds the layer's output whatever the options: the
+    inspection asks the layer for its routing instead of recomputing it (a copy once drifted by
+    0.66 under dispatch_normalized=true)."""
+    torch.manual_seed(0)
+    layer = SoftMoE(8, 16, num_experts=4, num_tokens=16, **{"slots_per_expert": 2, **options}).eval()
+    x = torch.randn(3, 16, 8) * 3  # far from unit norm: normalising the dispatched tokens matters
+    with torch.no_grad():
+        y = layer(x)
+    routing = route(layer, x)
+    torch.testing.assert_close(rebuild_output(layer, x, routing), y, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("router", ROUTERS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from test_cli import ENV, moebench, result
+from conftest import ENV, moebench, result
 
 TINY_SWEEP = ["-m", "experiment=smoke", "router=tokens_choice", "router.group_size=2"]
 

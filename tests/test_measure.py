@@ -13,7 +13,7 @@ from moebench import cost
 from moebench.measure import Subject, record, time_rounds
 from moebench.measure import main as measure_main
 
-from test_cli import moebench
+from conftest import moebench
 
 
 def test_rounds_rotate_the_order_and_the_record_keeps_medians_over_rounds(monkeypatch):

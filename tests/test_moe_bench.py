@@ -73,3 +73,40 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path):
         proc = bench(*args)
         assert proc.returncode == 2
         assert "Traceback" not in proc.stderr and word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+PLANTED = '''
+import pathlib
+pathlib.Path(__file__).parents[2].joinpath("planted-code-ran").write_text("yes")
+'''
+
+
+def test_bench_refuses_peers_others_can_write_or_own_and_make_keeps_them_out_of_tmp(tmp_path):
+    peers = tmp_path / "peers"
+    package = peers / "soft-moe-pytorch" / "soft_moe_pytorch"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(PLANTED)
+    cases = [(peers, 0o777, None, "is writable by other users (mode 777)"),  # e.g. a dir made in /tmp
+             (package / "__init__.py", 0o666, None, "is writable by other users (mode 666)")]
+    if os.getuid() == 0:  # only root can give a file away
+        cases.append((package, 0o755, 65534, "is owned by another user (uid 65534)"))
+    for path, mode, owner, reason in cases:
+        before = path.stat()
+        path.chmod(mode)
+        if owner is not None:
+            os.chown(path, owner, -1)
+        proc = bench(*TINY, "--only", "dense", "--no-inference", "--peers", str(peers))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.splitlines() == [f"moebench bench: refusing to import peers from --peers {peers}: "
+                                            f"{path} {reason}" + ("; chmod go-w it" if owner is None else "")]
+        assert not (peers / "planted-code-ran").exists()
+        path.chmod(before.st_mode & 0o777)
+        if owner is not None:
+            os.chown(path, before.st_uid, -1)
+
+    home = tmp_path / "home"
+    (home / ".cache" / "moebench" / "peers").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
+    make = subprocess.run(["make", "-n", "bench", f"HOME={home}"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env=env, timeout=600)
+    assert f"--peers {home}/.cache/moebench/peers " in make.stdout, make.stdout + make.stderr

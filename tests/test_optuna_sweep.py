@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import ENV, moebench, result
+from conftest import ENV, moebench, result
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 yaml = pytest.importorskip("yaml")

@@ -7,11 +7,11 @@ import json
 import pytest
 from pathlib import Path
 
-from moebench.pareto import ParetoError, aggregate, plot, ci95_half_width, human_flops, human_mb, human_percent
-from moebench.pareto import pareto_mask, si, t_quantile, welch_ci95
+from moebench.pareto import ParetoError, aggregate, plot, human_flops, human_mb, human_percent, pareto_mask, si
+from moebench.stats import ci95_half_width, paired_ci95, t_quantile, welch_ci95
 from moebench.tracking import atomic_write_json
 
-from test_cli import moebench
+from conftest import moebench
 
 
 def test_pareto_mask_on_hand_made_points():
@@ -110,6 +110,10 @@ def test_t_quantiles_match_the_tables():
     assert welch_ci95([0.80, 0.82, 0.84], [0.60, 0.62, 0.64]) == pytest.approx(2.7764 * (2 * 0.0004 / 3) ** 0.5, rel=1e-4)
     assert welch_ci95([0.80, 0.82, 0.84], [0.70, 0.90]) == pytest.approx(12.706 * (0.0004 / 3 + 0.02 / 2) ** 0.5, rel=1e-4)
     assert welch_ci95([0.5], [0.6, 0.7]) is None
+    # Paired: only the shared seeds count; diffs 0.10, 0.12, 0.14 (std 0.02, n 3).
+    mean, half, n = paired_ci95({0: 0.80, 1: 0.82, 2: 0.84, 7: 0.5}, {0: 0.70, 1: 0.70, 2: 0.70})
+    assert (mean, n) == (pytest.approx(0.12), 3) and half == pytest.approx(4.3027 * 0.02 / 3**0.5, rel=1e-4)
+    assert paired_ci95({0: 0.8}, {1: 0.7})[1:] == (None, 0)
 
 
 def test_numbers_for_humans():

@@ -9,7 +9,7 @@ import pytest
 
 from moebench.probe import L2_GRID, draw_shots, fewshot_draw, heldout_split, ridge_predictions
 
-from test_cli import moebench
+from conftest import moebench
 
 
 def toy(num_classes=10, per_class=60, dim=32, seed=0, separable=True):

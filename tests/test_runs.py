@@ -8,16 +8,11 @@ import torch
 from moebench.errors import CheckpointError
 from moebench.runs import load_run, load_run_data
 
-from test_cli import moebench
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "run"
-    proc = moebench("train", "experiment=smoke", "router=soft", "seed=3",
-                    f"hydra.run.dir={run}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
+@pytest.fixture
+def run_dir(tiny_run):
+    return tiny_run  # conftest: a tiny Soft MoE run, seed 3
 
 
 def test_load_run_rebuilds_the_trained_model_without_the_data(run_dir):

@@ -19,9 +19,10 @@ from hydra import compose, initialize_config_dir
 from moebench import cost
 from moebench.errors import ConfigError
 from moebench.moe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, weight_decay_split
-from moebench.train import build_model, conf_dir, validate
+from moebench.build import build_model, conf_dir, validate
 
-from test_cli import ENV, moebench
+import conftest
+from conftest import ENV, moebench
 
 timm = pytest.importorskip("timm")
 from timm.layers import Mlp  # noqa: E402
@@ -32,8 +33,7 @@ ROUTERS = {"soft": SoftMoE, "tokens_choice": TokensChoiceMoE, "experts_choice": 
 
 
 def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("train", overrides=[*SMOKE, *overrides])
+    return conftest.compose_cfg(*SMOKE, *overrides)
 
 
 def images(n: int = 8) -> torch.Tensor:

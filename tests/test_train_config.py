@@ -6,16 +6,13 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from moebench.errors import ConfigError
 from moebench.moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
-from moebench.train import build_model, conf_dir, dirname_label, lr_factor, validate
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+from moebench.build import build_model, validate
+from moebench.resolvers import dirname_label
+from moebench.loop import lr_factor
+from conftest import compose_cfg
 
 
 def test_defaults_are_the_main_job_on_digits():
@@ -63,11 +60,12 @@ def test_moe_placement_options(overrides):
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["experts=0"], "experts (router.num_experts) must be >= 1"),
+    (["experts=0"], "experts (router.num_experts) must be an int >= 1, got 0"),
     (["router=tokens_choice", "k=3", "experts=2"], "k (router.k) must be in [1, experts=2]"),
-    (["router=experts_choice", "capacity_factor=0"], "capacity_factor (router.capacity_factor) must be > 0"),
+    (["router=experts_choice", "capacity_factor=0"], "capacity_factor (router.capacity_factor) must be a finite number > 0"),
     (["router=tokens_choice", "router.capacity_rounding=floor"], "router.capacity_rounding"),
-    (["router.dispatch=hard"], "router.dispatch='hard'"),
+    (["router.dispatch=hard"], "router.dispatch must be soft, uniform or identity, got 'hard'"),
+    (["router=dense", "router.mlp_mult=0"], "router.mlp_mult must be an int >= 1, got 0"),
     (["model.heads=5"], "model.heads=5"),
     (["model.moe.placement=last", "model.moe.n=9"], "model.moe.n must be in [0, depth=4]"),
     (["train.schedule=linear"], "train.schedule"),

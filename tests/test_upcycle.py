@@ -8,24 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
 from moebench import pareto, preflight, upcycle
 from moebench.errors import CheckpointError, UserError
 from moebench.moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
-from moebench.train import build_model, conf_dir, validate
+from moebench.build import build_model, conf_dir, validate
 
-from test_cli import moebench, result
+import conftest
+from conftest import moebench, result
 
 ROUTERS = {"soft": [], "tokens_choice": ["router.group_size=2"], "experts_choice": ["router.group_size=2"]}
 IN_CHANS, CLASSES = 3, 10  # experiment=smoke's synthetic data
 
 
 def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("train", overrides=["experiment=smoke", *overrides])
+    return conftest.compose_cfg("experiment=smoke", *overrides)
 
 
 def model_of(seed: int, *overrides: str, classes: int = CLASSES) -> nn.Module:

@@ -97,12 +97,13 @@ def inspect_run(run_dir: Path, *, images: int = 4, checkpoint: str = "last.pt", 
         captions = [f"#{i} {names[data.test_labels[i]]}\n-> {names[predictions[i]]}" for i in range(shown)]
         arrays: dict[str, np.ndarray] = {"shown_test_images": np.arange(shown)}
         routings = {name: _concat(parts) for name, parts in kept.items()}
-        if router == "soft":
+        soft = bool(routings) and isinstance(next(iter(routings.values())), SoftRouting)  # its kind, not its name
+        if soft:
             _soft_pictures(tmp, record, arrays, routings, pictures, captions, grid, offset)
         elif layers:
             _sparse_pictures(tmp, record, arrays, routings, pictures, captions, grid, offset, router)
         if layers:
-            _common_pictures(tmp, record, summaries, layers, grid, offset, router)
+            _common_pictures(tmp, record, summaries, layers, grid, offset, soft)
         _training_pictures(tmp, record, run_dir / "metrics.jsonl")
         np.savez_compressed(tmp / "routing.npz", **arrays)
         atomic_write_json(tmp / "inspect.json", record)
@@ -123,17 +124,11 @@ def test_image(data, index: int) -> np.ndarray:
 
 
 def _slice(routing, n: int):
-    if isinstance(routing, SoftRouting):
-        return SoftRouting(routing.dispatch[:n], routing.combine[:n], routing.slots_per_expert)
-    return SparseRouting(*(getattr(routing, f)[:n] for f in ("gates", "requested", "processed", "weights")))
+    return routing.take(n)
 
 
 def _concat(parts: list):
-    if isinstance(parts[0], SoftRouting):
-        return SoftRouting(torch.cat([p.dispatch for p in parts]), torch.cat([p.combine for p in parts]),
-                           parts[0].slots_per_expert)
-    return SparseRouting(*(torch.cat([getattr(p, f) for p in parts])
-                           for f in ("gates", "requested", "processed", "weights")))
+    return type(parts[0]).concat(parts)
 
 
 def _on_grid(values: torch.Tensor, grid: int, offset: int) -> np.ndarray:
@@ -194,17 +189,18 @@ def _sparse_pictures(tmp, record, arrays, routings, pictures, captions, grid, of
         labels = _on_grid(best, grid, offset)
         texts = []
         for b in range(len(r.gates)):
-            cells = [_cell_label(r, b, t, router) for t in range(offset, r.gates.shape[1])]
+            cells = [_cell_label(r, b, t) for t in range(offset, r.gates.shape[1])]
             texts.append([cells[i * grid:(i + 1) * grid] for i in range(grid)])
         arrays[f"{name}/top_processing_expert"] = labels
         rows.append((short(name), labels, texts))
-    if router == "tokens_choice":
-        title = ("Tokens Choice: each patch coloured by the expert that processed it (ids printed, in choice order); "
+    chooser = next(iter(routings.values())).chooser
+    if chooser == "tokens":
+        title = (f"{router}: each patch coloured by the expert that processed it (ids printed, in choice order); "
                  "grey X = every choice dropped, trailing x = some choice dropped")
         caption = ("Each patch coloured by the expert(s) that processed it, per MoE layer; grey with a cross: the "
                    "token was dropped by every expert it chose (only the residual carries it).")
     else:
-        title = ("Experts Choice: each patch coloured by the highest-gate expert that picked it (ids printed, "
+        title = (f"{router}: each patch coloured by the highest-gate expert that picked it (ids printed, "
                  "+n = more); grey X = picked by no expert")
         caption = ("Each patch coloured by the expert(s) that picked it, per MoE layer; grey with a cross: no expert "
                    "picked the token (the layer outputs 0 for it).")
@@ -213,18 +209,18 @@ def _sparse_pictures(tmp, record, arrays, routings, pictures, captions, grid, of
     _add_figure(record, file, f"{router}_assignment", caption)
 
 
-def _cell_label(r: SparseRouting, b: int, t: int, router: str) -> str:
+def _cell_label(r: SparseRouting, b: int, t: int) -> str:
     gates = r.gates[b, t]
     order = [int(e) for e in gates.argsort(descending=True) if r.requested[b, t, e]]
     kept = [e for e in order if r.processed[b, t, e]]
     if not kept:
         return ""
-    if router == "tokens_choice":
+    if r.chooser == "tokens":
         return "/".join(map(str, kept)) + ("x" if len(kept) < len(order) else "")
     return str(kept[0]) + (f"+{len(kept) - 1}" if len(kept) > 1 else "")
 
 
-def _common_pictures(tmp, record, summaries, layers, grid, offset, router) -> None:
+def _common_pictures(tmp, record, summaries, layers, grid, offset, soft: bool) -> None:
     stats = {name: s.result() for name, s in summaries.items()}
     for name, s in stats.items():
         s["position_rate"] = _on_grid(torch.tensor(s["position_rate"]), grid, offset).tolist()
@@ -237,20 +233,19 @@ def _common_pictures(tmp, record, summaries, layers, grid, offset, router) -> No
     images = next(iter(stats.values()))["images"]
 
     file = "expert_load.png"
-    load_word = {"soft": "combine weight", "tokens_choice": "tokens processed", "experts_choice": "tokens processed"}
+    load_word = "combine weight" if soft else "tokens processed"
+    largest = "combine weight" if soft else "gate"
     figures.draw_load(tmp / file, {short(n): s for n, s in stats.items()},
-                      f"Per-expert load over {images} test images (load = {load_word[router]}; "
-                      f"first choice = largest {'combine weight' if router == 'soft' else 'gate'})")
+                      f"Per-expert load over {images} test images (load = {load_word}; first choice = largest {largest})")
     _add_figure(record, file, "expert_load",
                 f"Per-expert load histogram per MoE layer over {images} test images: bars = share of "
-                f"{load_word[router]}, dots = share of tokens whose largest "
-                f"{'combine weight' if router == 'soft' else 'gate'} is that expert, dashed = uniform.")
+                f"{load_word}, dots = share of tokens whose largest {largest} is that expert, dashed = uniform.")
 
     meaning = next(iter(stats.values()))["position_meaning"]
     file = "position_rate.png"
     maps = {short(n): np.asarray(s["position_rate"]) for n, s in stats.items()}
     figures.draw_position_maps(tmp / file, maps, f"By patch position, {images} test images: {meaning}",
-                               fixed_range=router != "soft")
+                               fixed_range=not soft)
     _add_figure(record, file, "position_rate", f"By patch position, per MoE layer: {meaning}.")
 
     file = "expert_similarity.png"

@@ -22,16 +22,17 @@ import torch
 
 from .routing import SoftRouting, SparseRouting
 
-POSITION_MEANING = {
+POSITION_MEANING = {  # by the kind of routing: Soft MoE's, or a sparse one by who chooses (SparseRouting.chooser)
     "soft": "dispatch weight received over all slots, x tokens/slots (1 = uniform; nothing is dropped)",
-    "tokens_choice": "share of token choices dropped (expert full)",
-    "experts_choice": "share of tokens picked by no expert",
+    "tokens": "share of token choices dropped (expert full)",
+    "experts": "share of tokens picked by no expert",
 }
 
 
 class LayerSummary:
     def __init__(self, router: str, num_experts: int, num_tokens: int):
         self.router, self.num_experts, self.num_tokens = router, num_experts, num_tokens
+        self.kind = "soft"  # POSITION_MEANING's key, from the routings added
         self.images = 0
         self.load = torch.zeros(num_experts, dtype=torch.float64)
         self.first_choice = torch.zeros(num_experts, dtype=torch.float64)
@@ -66,7 +67,8 @@ class LayerSummary:
         self.images += batch
         self.load += r.processed.double().sum((0, 1))
         self.first_choice += torch.bincount(r.gates.argmax(-1).reshape(-1), minlength=self.num_experts).double()
-        if self.router == "tokens_choice":
+        self.kind = r.chooser
+        if r.chooser == "tokens":
             self.position_num += (r.requested & ~r.processed).double().sum((0, 2))
             self.position_den += r.requested.double().sum((0, 2))
             self._add_extra("dropped_choices", (r.requested & ~r.processed).sum() / r.requested.sum() * batch * m)
@@ -90,7 +92,7 @@ class LayerSummary:
             "load_max_over_mean": float(load.max() / mean),
             "first_choice_share": (self.first_choice / self.first_choice.sum().clamp_min(1)).tolist(),
             "position_rate": (self.position_num / self.position_den.clamp_min(1e-12)).tolist(),
-            "position_meaning": POSITION_MEANING[self.router],
+            "position_meaning": POSITION_MEANING[self.kind],
             **{key: value / tokens for key, value in self.extra.items()},
         }
 

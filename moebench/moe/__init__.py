@@ -22,15 +22,23 @@ and slots: do they diverge?)::
 In eval mode nothing is computed (aux_loss is 0, no statistics) unless
 tracking is ``True``.
 
-Importing this package tunes glibc's allocator for the process (freed memory
-is kept for reuse instead of being unmapped and page-faulted in again: up to
-2x on the weight gradients of hundreds of experts; see ``moebench.allocator``).
-The process then keeps its peak memory reserved. Set the environment variable
-MOEBENCH_MALLOC_TUNING=0 before importing to opt out; ``ALLOCATOR_TUNED``
-says whether it applied.
+Each routed layer says what it dispatches where with ``layer.routing(x)``
+(``SoftRouting`` or ``SparseRouting``: what `moebench inspect` draws), and
+each router's module registers a ``Router`` (``registry``): its layer builder,
+option schema, cross-key rules and arm label, all moebench's harness needs to
+train, aggregate, inspect and bench it. A new router is one module that
+defines its layer and calls ``register``.
+
+Importing this package changes nothing global. On Linux/glibc,
+``tune_cpu_allocator()`` makes the process keep freed memory for reuse instead
+of unmapping it and page-faulting it in again (up to 2x on the weight gradients
+of hundreds of experts; see ``moebench.allocator``); the process then keeps its
+peak memory reserved. The ``moebench`` command calls it; call it yourself for
+the same speed (``MOEBENCH_MALLOC_TUNING=0`` in the environment turns it into
+a no-op). It returns whether the tuning is in force.
 """
 
-from ..allocator import tune_cpu_allocator as _tune_cpu_allocator
+from ..allocator import tune_cpu_allocator
 from .base import (
     MoELayer, collect_aux_loss, collect_diagnostics, collect_metrics, count_parameters, track_routing,
 )
@@ -40,16 +48,16 @@ from .dense import DenseMLP
 from .experts import Experts
 from .experts_choice import ExpertsChoiceMoE
 from .parallel import ShardedExperts, expert_parallel_parameters, shard_experts
-from .soft import SoftMoE
-from .sparse import SparseMoE
+from . import registry  # routers by name: each router's module registers itself (registry.Router)
+from .registry import Router, register
+from .soft import SoftMoE, SoftRouting
+from .sparse import SparseMoE, SparseRouting
 from .tokens_choice import TokensChoiceMoE, position_in_expert
 
-ALLOCATOR_TUNED = _tune_cpu_allocator()
-
 __all__ = [
-    "ALLOCATOR_TUNED",
-    "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "ShardedExperts", "SoftMoE", "SparseMoE", "TokensChoiceMoE",
+    "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "Router", "ShardedExperts", "SoftMoE", "SoftRouting",
+    "SparseMoE", "SparseRouting", "TokensChoiceMoE",
     "collect_aux_loss", "collect_diagnostics", "collect_metrics", "compute_capacity", "count_parameters", "expert_parallel_parameters", "matmul_kernel_names",
-    "position_in_expert",
-    "shard_experts", "track_routing", "weight_decay_split",
+    "position_in_expert", "register", "registry",
+    "shard_experts", "track_routing", "tune_cpu_allocator", "weight_decay_split",
 ]

@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
+from ..schema import Int
 from .base import MoELayer
+from .registry import Router, register
 
 
 class DenseMLP(MoELayer):
@@ -27,3 +29,13 @@ class DenseMLP(MoELayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.aux_loss = x.new_zeros(())
         return self.fc2(self.act(self.fc1(x)))
+
+
+register(Router(
+    name="dense",
+    # router.mlp_mult: a capacity control, the MLP x mlp_mult wide in the blocks an MoE would replace
+    build=lambda dim, hidden_dim, num_tokens, options: DenseMLP(dim, round(hidden_dim * options.get("mlp_mult", 1))),
+    options={"mlp_mult": Int(1)},
+    label=lambda get: [f"MLPx{get('mlp_mult'):g}"] if get("mlp_mult") not in (None, 1, 1.0) else [],
+    routed=False, replaces_blocks=lambda options: options.get("mlp_mult", 1) != 1, marker="D", order=3,
+))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .capacity import Rounding, compute_capacity
-from .sparse import SparseMoE, flat_token_index
+from .registry import Router, register
+from .sparse import GROUPED_OPTIONS, SparseMoE, flat_token_index
 
 
 class ExpertsChoiceMoE(SparseMoE):
@@ -53,6 +54,17 @@ class ExpertsChoiceMoE(SparseMoE):
         state = {"flat": flat, "weight": weight, "gates": gates, "tokens": groups * m}
         return buffers.view(self.num_experts, groups * capacity, dim), state
 
+    chooser = "experts"
+
+    def assign(self, x: torch.Tensor):
+        """Per token and expert (G, m, E): gates, picked (twice: requested and processed), weights."""
+        _, m, _ = x.shape
+        _, _, gates = self.gates(x)
+        weight, token = gates.transpose(1, 2).topk(self.capacity(m), dim=-1)  # (G, E, c)
+        picked = torch.zeros_like(gates.transpose(1, 2), dtype=torch.bool).scatter_(-1, token, True).transpose(1, 2)
+        weights = torch.zeros_like(gates.transpose(1, 2)).scatter_(-1, token, weight).transpose(1, 2)
+        return gates, picked, picked, weights
+
     def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
         groups, experts, capacity = state["flat"].shape
         dim = expert_out.shape[-1]
@@ -80,3 +92,12 @@ class ExpertsChoiceMoE(SparseMoE):
                 "gate_entropy": self.gate_entropy(states),
             }
         return states[0]["gates"].new_zeros(()), metrics
+
+
+register(Router(
+    name="experts_choice",
+    build=lambda dim, hidden_dim, num_tokens, options: ExpertsChoiceMoE(dim, hidden_dim, **options),
+    options=GROUPED_OPTIONS,
+    label=lambda get: [f"E{get('num_experts')}", f"C{get('capacity_factor')}"],
+    marker="^", order=2,
+))

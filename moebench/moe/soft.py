@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..schema import BOOL, Choice, Float, Int, Positive, Spec
 from .base import MoELayer
 from .experts import Experts
 from .metrics import mean_entropy, mean_pairwise_cosine
 from .precision import as_float32, routing_precision
+from .registry import Router, register
 
 MODES = ("soft", "uniform", "identity")
 
@@ -102,6 +106,32 @@ class SoftMoE(MoELayer):
             inv_norm = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + 1e-6)
             return (x @ (l2_normalize(phi, 0) * as_float32(self.scale))) * inv_norm
 
+    @torch.no_grad()
+    def routing(self, x: torch.Tensor) -> "SoftRouting":
+        """What this layer dispatches and combines for ``x`` (B, m, d), as ``forward`` computes it
+        (float32, no graph): `moebench inspect` draws it and rebuilds the output from it."""
+        with routing_precision(x):
+            return self._route(x)
+
+    def _route(self, x: torch.Tensor) -> "SoftRouting":
+        """The routing of ``x``; call it inside ``routing_precision`` (forward and ``routing`` do)."""
+        batch, tokens, dim = x.shape
+        slots = self.num_slots
+        logits = self.logits(x) if "soft" in (self.dispatch, self.combine) else None
+        x32 = as_float32(x)
+        if self.dispatch_normalized:
+            x32 = l2_normalize(x32, -1) * math.sqrt(dim)
+
+        def weights(mode: str, softmax_dim: int, uniform: float) -> torch.Tensor:
+            if mode == "soft":
+                return logits.softmax(dim=softmax_dim)
+            if mode == "uniform":  # a broadcast view: no (B, m, S) tensor is stored
+                return x32.new_full((1, 1, 1), uniform).expand(batch, tokens, slots)
+            return torch.eye(tokens, slots, device=x.device).expand(batch, tokens, slots)  # slot i <-> token i
+
+        return SoftRouting(weights(self.dispatch, 1, 1.0 / tokens), weights(self.combine, -1, 1.0 / slots),
+                           self.slots_per_expert, x32, self.dispatch, self.combine)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         n, p, slots = self.num_experts, self.slots_per_expert, self.num_slots
@@ -109,21 +139,12 @@ class SoftMoE(MoELayer):
             raise ValueError(f"identity dispatch/combine needs slots == tokens, got {slots} != {tokens}")
         track = self.tracking
         metrics = {}
-        logits = self.logits(x) if "soft" in (self.dispatch, self.combine) else None
         with routing_precision(x):
-            x32 = as_float32(x)
-            if self.dispatch_normalized:
-                x32 = l2_normalize(x32, -1) * math.sqrt(dim)
-            if self.dispatch == "soft":
-                dispatch = logits.softmax(dim=1)  # over the tokens of one example
-                slot_in = dispatch.transpose(1, 2) @ x32  # raw tokens (the paper), (B, S, d)
-                if track:
-                    metrics.update(_weight_stats("dispatch", dispatch.detach(), dim=1))
-            elif self.dispatch == "uniform":
-                slot_in = x32.mean(1, keepdim=True).expand(batch, slots, dim)
-            else:
-                slot_in = x32
+            routing = self._route(x)
+            slot_in = routing.slot_inputs()  # (B, S, d)
             if track:
+                if self.dispatch == "soft":
+                    metrics.update(_weight_stats("dispatch", routing.dispatch.detach(), dim=1))
                 metrics["slot_similarity"] = mean_pairwise_cosine(slot_in.detach())
 
         # (B, n*p, d) -> (n, B*p, d): each expert gets its p slots of every example.
@@ -132,15 +153,9 @@ class SoftMoE(MoELayer):
 
         with routing_precision(x):
             slot_out = as_float32(expert_out).reshape(n, batch, p, dim).transpose(0, 1).reshape(batch, slots, dim)
-            if self.combine == "soft":
-                combine = logits.softmax(dim=-1)  # over all slots jointly
-                y = combine @ slot_out
-                if track:
-                    metrics.update(_weight_stats("combine", combine.detach(), dim=-1))
-            elif self.combine == "uniform":
-                y = slot_out.mean(1, keepdim=True).expand(batch, tokens, dim)
-            else:
-                y = slot_out
+            y = routing.combine_outputs(slot_out)
+            if track and self.combine == "soft":
+                metrics.update(_weight_stats("combine", routing.combine.detach(), dim=-1))
         self.aux_loss = x.new_zeros((), dtype=torch.float32)
         if track:
             self.record_metrics(metrics)
@@ -163,6 +178,79 @@ class SoftMoE(MoELayer):
         )
 
 
+@dataclass
+class SoftRouting:
+    """One batch's Soft MoE routing: the one description ``forward`` computes with and
+    `moebench inspect` draws. Tensors are float32 with the batch first."""
+    dispatch: torch.Tensor  # (B, m, S): slot s mixes the m tokens with weights [:, :, s] (sums to 1 over dim 1)
+    combine: torch.Tensor  # (B, m, S): token t mixes the S slot outputs with weights [:, t] (sums to 1 over dim 2)
+    slots_per_expert: int
+    tokens: torch.Tensor | None = None  # (B, m, d): what the slots mix (RMS-normalised under
+    # dispatch_normalized); None: the layer's input itself
+    dispatch_mode: str = "soft"  # "uniform" and "identity" take exact shortcuts (a mean, a copy) over the weights
+    combine_mode: str = "soft"
+
+    def expert_of_slot(self, slot: torch.Tensor) -> torch.Tensor:
+        return slot // self.slots_per_expert
+
+    def slot_inputs(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, d): each slot's input, from ``self.tokens`` (or ``x`` when they are None)."""
+        tokens = self.tokens if self.tokens is not None else x.float()
+        if self.dispatch_mode == "uniform":
+            return tokens.mean(1, keepdim=True).expand(tokens.shape[0], self.dispatch.shape[2], tokens.shape[2])
+        if self.dispatch_mode == "identity":
+            return tokens
+        return self.dispatch.transpose(1, 2) @ tokens  # raw tokens (the paper)
+
+    def combine_outputs(self, slot_out: torch.Tensor) -> torch.Tensor:
+        """(B, m, d): each token's output from the slot outputs (B, S, d)."""
+        if self.combine_mode == "uniform":
+            return slot_out.mean(1, keepdim=True).expand(slot_out.shape[0], self.combine.shape[1], slot_out.shape[2])
+        if self.combine_mode == "identity":
+            return slot_out
+        return self.combine @ slot_out  # over all slots jointly
+
+    def take(self, n: int) -> "SoftRouting":
+        """The routing of the first ``n`` examples."""
+        return dataclasses.replace(self, **{f: getattr(self, f)[:n] for f in BATCHED if getattr(self, f) is not None})
+
+    @staticmethod
+    def concat(parts: list["SoftRouting"]) -> "SoftRouting":
+        """The routing of several batches, one after the other."""
+        tensors = {f: torch.cat([getattr(p, f) for p in parts]) for f in BATCHED
+                   if all(getattr(p, f) is not None for p in parts)}
+        return dataclasses.replace(parts[0], **{"tokens": None, **tensors})
+
+
+BATCHED = ("dispatch", "combine", "tokens")
+
+
 def _weight_stats(prefix: str, weights: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
     """Mean max weight and mean entropy of the distributions along ``dim``."""
     return {f"{prefix}_max": weights.amax(dim).mean(), f"{prefix}_entropy": mean_entropy(weights, dim)}
+
+
+def _label(get) -> list[str]:
+    parts = [f"E{get('num_experts')}", f"p{get('slots_per_expert')}"]
+    if (get("dispatch"), get("combine")) != ("soft", "soft"):
+        parts.append(f"{get('dispatch')}/{get('combine')}")
+    # Knobs of the recipes' control arms, named when off their defaults.
+    if get("scale_init") not in (None, 1, 1.0):
+        parts.append(f"scale{get('scale_init'):g}")
+    if get("identical_init") is False:
+        parts.append("indep-init")
+    if get("dispatch_normalized"):
+        parts.append("normed-dispatch")
+    return parts
+
+
+register(Router(
+    name="soft",
+    build=lambda dim, hidden_dim, num_tokens, options: SoftMoE(dim, hidden_dim, **options, num_tokens=num_tokens),
+    options={"num_experts": Int(1), "slots_per_expert": Int(1), "slot_factor": Positive(nullable=True),
+             "normalize": BOOL, "scale_init": Float(), "identical_init": BOOL,
+             "dispatch": Choice(*MODES), "combine": Choice(*MODES), "dispatch_normalized": Spec("bool", nullable=True)},
+    label=_label,
+    unused_parameters=lambda options: "soft" not in (options["dispatch"], options["combine"]),  # phi unused
+    marker="o", order=0,
+))

@@ -9,10 +9,14 @@ both parts are concatenated so that all experts still run in ONE batched call.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..schema import BOOL, ROUNDING, Float, Int, Positive
 from .base import MoELayer
 from .capacity import Rounding, compute_capacity
 from .experts import Experts
@@ -105,6 +109,29 @@ class SparseMoE(MoELayer):
             "gate_similarity": float(mean_pairwise_cosine(self.gate.weight.detach())),
         }
 
+    @torch.no_grad()
+    def routing(self, x: torch.Tensor) -> "SparseRouting":
+        """Which expert processes which token of ``x`` (B, T, d) and with what weight, per token:
+        the batch cut into routing groups as ``forward`` cuts it, each part routed by ``assign``
+        (float32, no graph; training-mode gate noise as in forward). `moebench inspect` draws it."""
+        batch, tokens, dim = x.shape
+        size = min(self.group_size, batch)
+        full = batch - batch % size
+        with routing_precision(x):
+            x32 = as_float32(x)
+            parts = [x32[:full].reshape(full // size, size * tokens, dim)]
+            if full < batch:
+                parts.append(x32[full:].reshape(1, (batch - full) * tokens, dim))
+            routed = [self.assign(part) for part in parts]
+        fields = [torch.cat([f.reshape(-1, tokens, f.shape[-1]) for f in field]) for field in zip(*routed)]
+        return SparseRouting(*fields, chooser=self.chooser)
+
+    chooser = "tokens"  # SparseRouting.chooser: who picks whom
+
+    def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One part (G, m, d): (gates, requested, processed, weights), each (G, m, E); see SparseRouting."""
+        raise NotImplementedError
+
     def route(self, x: torch.Tensor):
         raise NotImplementedError
 
@@ -130,9 +157,38 @@ class SparseMoE(MoELayer):
         )
 
 
+@dataclass
+class SparseRouting:
+    """One batch's routing of a router that sends each token to a few experts, per token and expert
+    (B, m, E); what `moebench inspect` draws. A plugin router returns one from its ``routing(x)``."""
+    gates: torch.Tensor  # softmax over experts per token (a router without gates: its combine weights)
+    requested: torch.Tensor  # bool: the token chose the expert (Experts Choice: the expert chose it)
+    processed: torch.Tensor  # bool: the expert processed the token (requested minus drops)
+    weights: torch.Tensor  # combine weight: the gate where processed, else 0
+    chooser: str = "tokens"  # "tokens": each token requests experts, full ones drop it (Tokens Choice);
+    # "experts": each expert picks its tokens, a token may get none or several (Experts Choice)
+
+    def take(self, n: int) -> "SparseRouting":
+        """The routing of the first ``n`` examples."""
+        return dataclasses.replace(self, **{f: getattr(self, f)[:n] for f in SPARSE_FIELDS})
+
+    @staticmethod
+    def concat(parts: list["SparseRouting"]) -> "SparseRouting":
+        """The routing of several batches, one after the other."""
+        return dataclasses.replace(parts[0], **{f: torch.cat([getattr(p, f) for p in parts]) for f in SPARSE_FIELDS})
+
+
+SPARSE_FIELDS = ("gates", "requested", "processed", "weights")
+
+
 def flat_token_index(groups: int, group_tokens: int, device) -> torch.Tensor:
     """Offsets that turn per-group token indices (G, ...) into indices of the flat (G*m) tokens."""
     return torch.arange(groups, device=device).view(groups, 1, 1) * group_tokens
 
 
-__all__ = ["SparseMoE", "compute_capacity", "flat_token_index"]
+# The options Tokens and Experts Choice share (their config schema; registry.Router.options).
+GROUPED_OPTIONS = {"num_experts": Int(1), "capacity_factor": Positive(), "group_size": Int(1), "noise_std": Float(0),
+                   "capacity_rounding": ROUNDING, "identical_init": BOOL}
+
+
+__all__ = ["GROUPED_OPTIONS", "SparseMoE", "SparseRouting", "compute_capacity", "flat_token_index"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..schema import BOOL, Float, Int
 from .capacity import Rounding, compute_capacity
 from .metrics import cv_squared, load_stats
-from .sparse import SparseMoE, flat_token_index
+from .registry import Router, register
+from .sparse import GROUPED_OPTIONS, SparseMoE
 
 
 def position_in_expert(choices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -118,6 +120,27 @@ class TokensChoiceMoE(SparseMoE):
             state["losses"] = self.aux_losses(logits, noisy, gates, top_expert[..., 0])
         return buffers, state
 
+    def assign(self, x: torch.Tensor):
+        """Per token and expert (G, m, E): gates, chosen, processed (chosen and not dropped), weights."""
+        groups, m, _ = x.shape
+        experts, k, capacity = self.num_experts, self.k, self.capacity(m)
+        _, _, gates = self.gates(x)
+        top_gate, top_expert = gates.topk(k, dim=-1)
+        # Buffers fill choice rank by choice rank; within a rank in token order or, with BPR, by top-1 gate.
+        if self.bpr:
+            order = torch.argsort(top_gate[..., 0], dim=1, descending=True, stable=True)
+        else:
+            order = torch.arange(m, device=x.device).expand(groups, m)
+        by_rank = order.unsqueeze(-1).expand(groups, m, k)
+        queue = top_expert.gather(1, by_rank).transpose(1, 2).reshape(groups, k * m)
+        position = position_in_expert(queue, experts).reshape(groups, k, m).transpose(1, 2)
+        position = torch.empty_like(position).scatter_(1, by_rank, position)
+        kept = position < capacity
+        requested = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, top_expert, True)
+        processed = torch.zeros_like(requested).scatter_(-1, top_expert, kept)
+        weights = torch.zeros_like(gates).scatter_(-1, top_expert, top_gate * kept)
+        return gates, requested, processed, weights
+
     def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
         dim = expert_out.shape[-1]
         groups, m, k = state["row"].shape
@@ -183,3 +206,23 @@ class TokensChoiceMoE(SparseMoE):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, bpr={self.bpr}, " + super().extra_repr()
+
+
+def _check(r) -> str | None:
+    """The rule between options (each option's type and range: the specs below)."""
+    if not 1 <= r["k"] <= r["num_experts"]:
+        return f"k (router.k) must be in [1, experts={r['num_experts']}], got {r['k']}"
+    return None
+
+
+def _label(get) -> list[str]:
+    return [f"E{get('num_experts')}", f"k{get('k')}", f"C{get('capacity_factor')}"] + ([] if get("bpr") else ["noBPR"])
+
+
+register(Router(
+    name="tokens_choice",
+    build=lambda dim, hidden_dim, num_tokens, options: TokensChoiceMoE(dim, hidden_dim, **options),
+    options={**GROUPED_OPTIONS, "k": Int(1), "bpr": BOOL, "importance_weight": Float(0), "load_weight": Float(0),
+             "switch_weight": Float(0), "z_loss_weight": Float(0)},
+    label=_label, check=_check, marker="s", order=1,
+))

@@ -1,0 +1,61 @@
+"""Shared test helpers and fixtures: one way to compose a config, one way to run the CLI, one tiny run.
+
+Import the helpers with ``from conftest import ...`` (pytest puts tests/ on the path); the
+fixtures (``tiny_run``) need no import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from moebench.build import conf_dir
+
+REPO = Path(__file__).resolve().parents[1]
+# A model and data small enough for a few seconds per run on 2 CPU cores.
+TINY = ["experiment=smoke"]  # conf/experiment/smoke.yaml: a whole run in seconds
+SPARSE = {"tokens_choice": ["router.group_size=2"], "experts_choice": ["router.group_size=2"]}
+ENV = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+
+
+def compose_cfg(*overrides: str):
+    """The train config as conf/ composes it with ``overrides`` (no Hydra keys, nothing resolved)."""
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def moebench(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``moebench ARGS`` in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "moebench", *args], capture_output=True, text=True, cwd=cwd,
+        env=env or ENV, timeout=600,
+    )
+
+
+def train(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[subprocess.CompletedProcess, Path]:
+    """A tiny ``moebench train`` run in ``tmp_path/name``."""
+    run_dir = tmp_path / name
+    proc = moebench("train", *TINY, *overrides, f"hydra.run.dir={run_dir}")
+    return proc, run_dir
+
+
+def result(run_dir: Path) -> dict:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One completed tiny Soft MoE run (seed 3), trained once per session: for tests that only read it."""
+    proc, run_dir = train(tmp_path_factory.mktemp("tiny"), "router=soft", "seed=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
