@@ -3,9 +3,9 @@
 The layers keep only summary metrics after a forward (and none in eval mode),
 so the per-token routing is computed again here: a forward hook captures each
 MoE layer's input (the block's LayerNorm output) and its output, and the
-layer's own ``routing(x)`` says what it dispatched where (the method its
-forward uses for Soft MoE; Tokens/Experts Choice's ``assign``, next to the
-forward it describes). ``rebuild_output`` then turns the routing back into the
+layer's own ``routing(x)`` says what it dispatched where (from the same
+routing code its forward runs: Soft MoE's ``routing``, Tokens/Experts Choice's
+``route``). ``rebuild_output`` then turns the routing back into the
 layer's output; it matching the captured output is the evidence that the
 pictures show what the model did.
 

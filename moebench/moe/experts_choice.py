@@ -56,13 +56,14 @@ class ExpertsChoiceMoE(SparseMoE):
 
     chooser = "experts"
 
-    def assign(self, x: torch.Tensor):
+    def assignment(self, state: dict):
         """Per token and expert (G, m, E): gates, picked (twice: requested and processed), weights."""
-        _, m, _ = x.shape
-        _, _, gates = self.gates(x)
-        weight, token = gates.transpose(1, 2).topk(self.capacity(m), dim=-1)  # (G, E, c)
-        picked = torch.zeros_like(gates.transpose(1, 2), dtype=torch.bool).scatter_(-1, token, True).transpose(1, 2)
-        weights = torch.zeros_like(gates.transpose(1, 2)).scatter_(-1, token, weight).transpose(1, 2)
+        gates = state["gates"]
+        groups, m, _ = gates.shape
+        token = state["flat"] - flat_token_index(groups, m, gates.device)  # (G, E, c) within each group
+        by_expert = gates.transpose(1, 2)
+        picked = torch.zeros_like(by_expert, dtype=torch.bool).scatter_(-1, token, True).transpose(1, 2)
+        weights = torch.zeros_like(by_expert).scatter_(-1, token, state["weight"]).transpose(1, 2)
         return gates, picked, picked, weights
 
     def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:

@@ -74,16 +74,22 @@ class SparseMoE(MoELayer):
             noisy = logits + torch.randn_like(logits) * (self.noise_std / self.num_experts)
         return logits, noisy, noisy.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
+    def parts(self, x32: torch.Tensor) -> list[torch.Tensor]:
+        """The batch (B, T, d) cut into routing groups of ``group_size`` images, (G, size * T, d); a
+        remainder of fewer images is one more, smaller part."""
+        batch, tokens, dim = x32.shape
         size = min(self.group_size, batch)
         full = batch - batch % size
+        parts = [x32[:full].reshape(full // size, size * tokens, dim)]
+        if full < batch:
+            parts.append(x32[full:].reshape(1, (batch - full) * tokens, dim))
+        return parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
         with routing_precision(x):
             x32 = as_float32(x)
-            parts = [x32[:full].reshape(full // size, size * tokens, dim)]
-            if full < batch:
-                parts.append(x32[full:].reshape(1, (batch - full) * tokens, dim))
-            routed = [self.route(part) for part in parts]
+            routed = [self.route(part) for part in self.parts(x32)]
         rows = [buffers.shape[1] for buffers, _ in routed]
         # One expert call for all parts; a single part (the usual case) needs no concatenation.
         buffers = routed[0][0] if len(routed) == 1 else torch.cat([buffers for buffers, _ in routed], dim=1)
@@ -112,24 +118,20 @@ class SparseMoE(MoELayer):
     @torch.no_grad()
     def routing(self, x: torch.Tensor) -> "SparseRouting":
         """Which expert processes which token of ``x`` (B, T, d) and with what weight, per token:
-        the batch cut into routing groups as ``forward`` cuts it, each part routed by ``assign``
+        the batch cut into routing groups as ``forward`` cuts it, each part routed by ``route`` (forward's
+        own routing) and read out by ``assignment``
         (float32, no graph; training-mode gate noise as in forward). `moebench inspect` draws it."""
-        batch, tokens, dim = x.shape
-        size = min(self.group_size, batch)
-        full = batch - batch % size
+        tokens = x.shape[1]
         with routing_precision(x):
-            x32 = as_float32(x)
-            parts = [x32[:full].reshape(full // size, size * tokens, dim)]
-            if full < batch:
-                parts.append(x32[full:].reshape(1, (batch - full) * tokens, dim))
-            routed = [self.assign(part) for part in parts]
+            routed = [self.assignment(self.route(part)[1]) for part in self.parts(as_float32(x))]
         fields = [torch.cat([f.reshape(-1, tokens, f.shape[-1]) for f in field]) for field in zip(*routed)]
         return SparseRouting(*fields, chooser=self.chooser)
 
     chooser = "tokens"  # SparseRouting.chooser: who picks whom
 
-    def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One part (G, m, d): (gates, requested, processed, weights), each (G, m, E); see SparseRouting."""
+    def assignment(self, state: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``route`` decided for one part, per token and expert: (gates, requested, processed,
+        weights), each (G, m, E); see SparseRouting."""
         raise NotImplementedError
 
     def route(self, x: torch.Tensor):

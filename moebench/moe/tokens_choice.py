@@ -120,25 +120,12 @@ class TokensChoiceMoE(SparseMoE):
             state["losses"] = self.aux_losses(logits, noisy, gates, top_expert[..., 0])
         return buffers, state
 
-    def assign(self, x: torch.Tensor):
+    def assignment(self, state: dict):
         """Per token and expert (G, m, E): gates, chosen, processed (chosen and not dropped), weights."""
-        groups, m, _ = x.shape
-        experts, k, capacity = self.num_experts, self.k, self.capacity(m)
-        _, _, gates = self.gates(x)
-        top_gate, top_expert = gates.topk(k, dim=-1)
-        # Buffers fill choice rank by choice rank; within a rank in token order or, with BPR, by top-1 gate.
-        if self.bpr:
-            order = torch.argsort(top_gate[..., 0], dim=1, descending=True, stable=True)
-        else:
-            order = torch.arange(m, device=x.device).expand(groups, m)
-        by_rank = order.unsqueeze(-1).expand(groups, m, k)
-        queue = top_expert.gather(1, by_rank).transpose(1, 2).reshape(groups, k * m)
-        position = position_in_expert(queue, experts).reshape(groups, k, m).transpose(1, 2)
-        position = torch.empty_like(position).scatter_(1, by_rank, position)
-        kept = position < capacity
-        requested = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, top_expert, True)
-        processed = torch.zeros_like(requested).scatter_(-1, top_expert, kept)
-        weights = torch.zeros_like(gates).scatter_(-1, top_expert, top_gate * kept)
+        gates, choices, kept = state["gates"], state["choices"], state["kept"]
+        requested = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, choices, True)
+        processed = torch.zeros_like(requested).scatter_(-1, choices, kept)
+        weights = torch.zeros_like(gates).scatter_(-1, choices, state["weight"])
         return gates, requested, processed, weights
 
     def combine(self, expert_out: torch.Tensor, state: dict) -> torch.Tensor:
