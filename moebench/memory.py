@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from .errors import ConfigError
+from .moe import registry
 
 BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
 HEAD_CLASSES = 1000
@@ -96,7 +97,8 @@ def check(cfg: DictConfig, build_model, moe_blocks: int) -> None:
     if weights + activations <= available:
         return
     m, r = cfg.model, cfg.router
-    keys = [f"experts={r.num_experts}"] if r.name != "dense" else []
+    router = registry.find(r.name)
+    keys = [f"experts={r.num_experts}"] if router is None or router.routed else []
     keys += [f"model.{key}={m.get(key)}" for key in ("dim", "mlp_dim", "depth") if m.get(key) is not None]
     keys += [f"data.batch_size={cfg.data.batch_size}"]
     raise ConfigError(

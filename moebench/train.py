@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from . import checkpoint, distributed, preflight, probe, resolvers, search, status  # probe: eval.probe after training
+from . import checkpoint, distributed, faults, preflight, probe, resolvers, search, status  # probe: eval.probe after training
 from .build import build_model, check_fits, conf_dir, validate  # noqa: F401 (build_model: tests/test_distributed.py)
 from .checkpoint import check_resume_config
 from .data import DataError

@@ -42,6 +42,7 @@ from torch import nn
 
 from . import checkpoint, cost
 from .errors import CheckpointError
+from .moe import registry
 
 # Keys that fix the shapes of the backbone's weights: they must be those of the source run.
 BACKBONE_KEYS = ("model.dim", "model.depth", "model.heads", "model.patch_size", "model.mlp_dim", "model.pool",
@@ -70,10 +71,16 @@ def _get(config: dict, dotted: str):
     return node
 
 
+def routes(router: str | None) -> bool:
+    """Whether a run of ``router`` has MoE layers (the registry says; an unknown name counts as routed)."""
+    known = registry.find(router)
+    return known is None or known.routed
+
+
 def check_source(source_config: dict, config: dict, path: Path) -> None:
     """Refuse a source that is not a dense run of the same backbone (one line naming the key)."""
     router = _get(source_config, "router.name")
-    if router != "dense":
+    if routes(router):
         raise CheckpointError(f"init_from: {path} is a {router} run; upcycling starts from a dense run "
                               "(router=dense)")
     for key in BACKBONE_KEYS:
@@ -82,7 +89,7 @@ def check_source(source_config: dict, config: dict, path: Path) -> None:
             raise CheckpointError(f"init_from: {path} has {key}={old}, this run {key}={new}; upcycling needs "
                                   f"the same backbone ({', '.join(BACKBONE_KEYS)})")
     old_mult, new_mult = _get(source_config, "router.mlp_mult") or 1, _get(config, "router.mlp_mult") or 1
-    if _get(config, "router.name") == "dense":
+    if not routes(_get(config, "router.name")):
         if old_mult != new_mult:
             raise CheckpointError(f"init_from: {path} has router.mlp_mult={old_mult}, this run "
                                   f"router.mlp_mult={new_mult}; a dense continuation keeps the MLP width")
