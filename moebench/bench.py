@@ -195,7 +195,7 @@ def training_specs(experts: list[int], tokens: int, peers: dict,
                 ExpertsChoiceMoE(d, h, e, capacity_factor=1.0, group_size=8), "train"))
     for router in registry.routers():  # routers that declare their own cases (plugins): one per expert count
         for e in experts if router.bench else ():
-            specs.update({name: (router.name, e, factory) for name, factory in router.bench(e, tokens).items()})
+            specs.update({name: (name.split("/")[0], e, factory) for name, factory in router.bench(e, tokens).items()})
     for e in PEER_EXPERTS:
         if e not in experts:
             continue

@@ -122,3 +122,122 @@ def experts_choice(layer, x: torch.Tensor):
                 picks[bt] += 1
                 out[bt] = out[bt] + gates[bt][e] * expert(layer.experts, e, x[bt])
     return out, picks
+
+
+# ----------------------------------------------------------------------------- transport plans (Liu et al. 2024)
+
+def sinkhorn(logits: torch.Tensor, iterations: int) -> list[list[float]]:
+    """The authors' Sinkhorn (ott-jax, scaling form) for one group's logits (m, E), in plain floats:
+    u = 1; each iteration v_j = (m/E) / sum_i K_ij u_i, then u_i = 1 / sum_j K_ij v_j; P = u K v."""
+    m, experts = logits.shape
+    K = [[math.exp(float(logits[i, j])) for j in range(experts)] for i in range(m)]
+    u, v = [1.0] * m, [1.0] * experts
+    for _ in range(iterations):
+        v = [(m / experts) / sum(K[i][j] * u[i] for i in range(m)) for j in range(experts)]
+        u = [1.0 / sum(K[i][j] * v[j] for j in range(experts)) for i in range(m)]
+    return [[u[i] * K[i][j] * v[j] for j in range(experts)] for i in range(m)]
+
+
+def simplex_projection(values: list[float]) -> list[float]:
+    """Euclidean projection onto the probability simplex: the theta with sum(max(v - theta, 0)) = 1,
+    found by trying each support size from the largest value down."""
+    ordered = sorted(values, reverse=True)
+    theta = ordered[0] - 1.0
+    for size in range(1, len(ordered) + 1):
+        candidate = (sum(ordered[:size]) - 1.0) / size
+        if ordered[size - 1] - candidate > 0:
+            theta = candidate
+    return [max(v - theta, 0.0) for v in values]
+
+
+def sparse_ot(scores: torch.Tensor, k: int, iterations: int, lr: float, tol: float = 1e-3) -> list[list[float]]:
+    """The authors' sparsity-constrained plan for one group's scores (m, E): Adam on the semi-dual's
+    alpha (optax defaults), each column the k-sparse simplex projection of (alpha + scores_j) / b,
+    times b; a group stops once the gradient norm of its last step is <= tol (jaxopt)."""
+    m, experts = scores.shape
+    b = m / experts
+    S = [[float(scores[i, j]) for j in range(experts)] for i in range(m)]
+
+    def plan(alpha):
+        P = [[0.0] * experts for _ in range(m)]
+        for j in range(experts):
+            column = [(alpha[i] + S[i][j]) / b for i in range(m)]
+            top = sorted(range(m), key=lambda i: (-column[i], i))[:k]
+            for i, p in zip(top, simplex_projection([column[i] for i in top])):
+                P[i][j] = b * p
+        return P
+
+    alpha, first, second = [0.0] * m, [0.0] * m, [0.0] * m
+    for step in range(1, iterations + 1):
+        grad = [sum(row) - 1.0 for row in plan(alpha)]
+        for i in range(m):
+            first[i] = 0.9 * first[i] + 0.1 * grad[i]
+            second[i] = 0.999 * second[i] + 0.001 * grad[i] ** 2
+            update = (first[i] / (1 - 0.9**step)) / (math.sqrt(second[i] / (1 - 0.999**step)) + 1e-8)
+            alpha[i] -= lr * update
+        if math.sqrt(sum(g * g for g in grad)) <= tol:
+            break
+    return plan(alpha)
+
+
+def group_plan(layer, logits: torch.Tensor, scores: torch.Tensor, capacity_: int) -> list[list[float]]:
+    """The plan a router with ``layer.assignment`` computes for one group (m, E)."""
+    if layer.assignment == "sinkhorn":
+        return sinkhorn(logits, layer.plan_iterations)
+    return sparse_ot(scores, capacity_, layer.plan_iterations, layer.plan_lr)
+
+
+def sinkhorn_tokens_choice(layer, x: torch.Tensor):
+    """Sinkhorn Tokens Choice in eval mode: every token's top-k experts by the group's plan (ties to
+    the lower expert), BPR by the top plan entry, capacity as Tokens Choice, combine weights the
+    softmax gates. Returns (output, dropped choices as a set of (example, token, expert))."""
+    batch, tokens, d = x.shape
+    out = torch.zeros_like(x)
+    dropped = set()
+    for group in groups_of(batch, layer.group_size):
+        members = [(b, t) for b in group for t in range(tokens)]
+        cap = capacity(len(members), layer.num_experts, layer.capacity_factor, layer.k, layer.capacity_rounding)
+        logits = torch.stack([layer.gate.weight @ x[bt] for bt in members])
+        plan = sinkhorn(logits.detach(), layer.plan_iterations)
+        gates = {bt: torch.softmax(logits[i], 0) for i, bt in enumerate(members)}
+        choices = {bt: sorted(range(layer.num_experts), key=lambda e: (-plan[i][e], e))[:layer.k]
+                   for i, bt in enumerate(members)}
+        top = {bt: max(plan[i]) for i, bt in enumerate(members)}
+        order = sorted(members, key=lambda bt: -top[bt]) if layer.bpr else members
+        fill = [0] * layer.num_experts
+        kept = {bt: [] for bt in members}
+        for rank in range(layer.k):
+            for bt in order:
+                e = choices[bt][rank]
+                if fill[e] < cap:
+                    fill[e] += 1
+                    kept[bt].append(e)
+                else:
+                    dropped.add((bt[0], bt[1], e))
+        for bt in members:
+            for e in kept[bt]:
+                out[bt] = out[bt] + gates[bt][e] * expert(layer.experts, e, x[bt])
+    return out, dropped
+
+
+def plan_experts_choice(layer, x: torch.Tensor):
+    """Sinkhorn or sparsity-constrained Experts Choice in eval mode: every expert takes the c tokens
+    with the largest plan entries of its column (ties to the lower token, as jax.lax.top_k), weighted
+    by the softmax gate. Returns (output, picks per (example, token))."""
+    batch, tokens, d = x.shape
+    out = torch.zeros_like(x)
+    picks = {}
+    for group in groups_of(batch, layer.group_size):
+        members = [(b, t) for b in group for t in range(tokens)]
+        c = capacity(len(members), layer.num_experts, layer.capacity_factor, 1, layer.capacity_rounding)
+        logits = torch.stack([layer.gate.weight @ x[bt] for bt in members])
+        gates = torch.softmax(logits, -1)
+        plan = group_plan(layer, logits.detach(), gates.detach(), c)
+        for bt in members:
+            picks[bt] = 0
+        for e in range(layer.num_experts):
+            for i in sorted(range(len(members)), key=lambda i: (-plan[i][e], i))[:c]:
+                bt = members[i]
+                picks[bt] += 1
+                out[bt] = out[bt] + gates[i, e] * expert(layer.experts, e, x[bt])
+    return out, picks

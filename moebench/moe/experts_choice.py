@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..schema import Choice, Int, Positive
 from .capacity import Rounding, compute_capacity
+from .plans import plan_balance, plan_label, plan_metrics, sinkhorn_plan, sorted_descending, sparse_ot_plan
 from .registry import Router, register
 from .sparse import GROUPED_OPTIONS, SparseMoE, flat_token_index
 
@@ -18,6 +20,22 @@ class ExpertsChoiceMoE(SparseMoE):
     default. A token's output sums the gate-weighted outputs of the experts
     that picked it; a token picked by none outputs 0. No auxiliary loss: the
     load is balanced by construction, token coverage is not (see metrics).
+
+    ``assignment`` chooses the pairs another way (Liu et al., TMLR 2024; vmoe's
+    ``vmoe/projects/sparsity_constrained_ot/``); the combine weights stay the
+    softmax of the (noisy) logits at the chosen pairs:
+
+    - ``"sinkhorn"``, Sinkhorn Expert Choice: every expert takes its top-c
+      tokens by the group's balanced transport plan of the (noisy) logits
+      (``plans.sinkhorn_plan``, ``plan_iterations`` iterations).
+    - ``"sparse_ot"``, sparsity-constrained Expert Choice: the plan of the
+      softmax scores with at most c tokens per expert (``plans.sparse_ot_plan``:
+      ``plan_iterations`` Adam steps at ``plan_lr`` on its semi-dual). Every
+      expert takes its top-c tokens by that plan; where a column has fewer than c
+      non-zeros the rest of its c picks are the lowest-index tokens at 0, as
+      ``jax.lax.top_k`` picks them in the authors' code (metric
+      ``zero_plan_picks``). The authors' router adds no gate noise: set
+      noise_std 0 for theirs (the preset does).
     """
 
     def __init__(
@@ -31,11 +49,21 @@ class ExpertsChoiceMoE(SparseMoE):
         noise_std: float = 0.0,
         capacity_rounding: Rounding = "round",
         identical_init: bool = False,
+        assignment: str = "softmax",
+        plan_iterations: int = 20,
+        plan_lr: float = 0.01,
     ):
         super().__init__(
             dim, hidden_dim, num_experts, capacity_factor, group_size=group_size, noise_std=noise_std,
             capacity_rounding=capacity_rounding, identical_init=identical_init,
         )
+        if assignment not in ("softmax", "sinkhorn", "sparse_ot"):
+            raise ValueError(f"assignment must be 'softmax', 'sinkhorn' or 'sparse_ot', got {assignment!r}")
+        if plan_iterations < 1:
+            raise ValueError(f"plan_iterations must be >= 1, got {plan_iterations}")
+        if plan_lr <= 0:
+            raise ValueError(f"plan_lr must be > 0, got {plan_lr}")
+        self.assignment, self.plan_iterations, self.plan_lr = assignment, plan_iterations, plan_lr
 
     def capacity(self, group_tokens: int) -> int:
         return compute_capacity(group_tokens, self.num_experts, self.capacity_factor, 1, self.capacity_rounding)
@@ -46,17 +74,29 @@ class ExpertsChoiceMoE(SparseMoE):
     def route(self, x: torch.Tensor):
         groups, m, dim = x.shape
         capacity = self.capacity(m)
-        _, _, gates = self.gates(x)
-        weight, token = gates.transpose(1, 2).topk(capacity, dim=-1)  # (G, E, c)
+        _, noisy, gates = self.gates(x)
+        plan = None
+        if self.assignment == "softmax":
+            weight, token = gates.transpose(1, 2).topk(capacity, dim=-1)  # (G, E, c)
+        else:
+            if self.assignment == "sinkhorn":
+                plan = sinkhorn_plan(noisy.detach(), self.plan_iterations)
+            else:
+                plan = sparse_ot_plan(gates.detach(), capacity, self.plan_iterations, self.plan_lr)
+            token = sorted_descending(plan.transpose(1, 2))[1][..., :capacity]  # (G, E, c)
+            weight = gates.transpose(1, 2).gather(-1, token)
         flat = token + flat_token_index(groups, m, x.device)
         # index_select, not advanced indexing: its backward (index_add) does not sort
         buffers = x.reshape(groups * m, dim).index_select(0, flat.transpose(0, 1).reshape(-1))
         state = {"flat": flat, "weight": weight, "gates": gates, "tokens": groups * m}
+        if plan is not None and self.tracking:
+            state["plan_balance"] = plan_balance(plan)
+            state["zero_plan_picks"] = (plan.transpose(1, 2).gather(-1, token) == 0).float().mean()
         return buffers.view(self.num_experts, groups * capacity, dim), state
 
     chooser = "experts"
 
-    def assignment(self, state: dict):
+    def routed_pairs(self, state: dict):
         """Per token and expert (G, m, E): gates, picked (twice: requested and processed), weights."""
         gates = state["gates"]
         groups, m, _ = gates.shape
@@ -92,13 +132,28 @@ class ExpertsChoiceMoE(SparseMoE):
                 "tokens_2plus_experts": (picks >= 2).float().mean(),
                 "gate_entropy": self.gate_entropy(states),
             }
+            if "plan_balance" in states[0]:
+                metrics.update(plan_metrics(states))
+                metrics["zero_plan_picks"] = torch.stack([s["zero_plan_picks"] for s in states]).mean()
         return states[0]["gates"].new_zeros(()), metrics
+
+    def extra_repr(self) -> str:
+        if self.assignment == "softmax":
+            return super().extra_repr()
+        return f"assignment={self.assignment!r}, plan_iterations={self.plan_iterations}, plan_lr={self.plan_lr}, " \
+            + super().extra_repr()
 
 
 register(Router(
     name="experts_choice",
     build=lambda dim, hidden_dim, num_tokens, options: ExpertsChoiceMoE(dim, hidden_dim, **options),
-    options=GROUPED_OPTIONS,
-    label=lambda get: [f"E{get('num_experts')}", f"C{get('capacity_factor')}"],
+    options={**GROUPED_OPTIONS, "assignment": Choice("softmax", "sinkhorn", "sparse_ot"), "plan_iterations": Int(1),
+             "plan_lr": Positive()},
+    label=lambda get: [f"E{get('num_experts')}", f"C{get('capacity_factor')}"] + plan_label(get),
     marker="^", order=2,
+    # The bench's own experts_choice/E= rows time the softmax twin (same groups and capacity): the gap is the plan's cost.
+    bench=lambda experts, tokens: {
+        f"experts_choice_{assignment}/E={experts}": lambda d, h, assignment=assignment: ExpertsChoiceMoE(
+            d, h, experts, capacity_factor=1.0, group_size=8, assignment=assignment)
+        for assignment in ("sinkhorn", "sparse_ot")},
 ))

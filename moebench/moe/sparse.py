@@ -119,17 +119,17 @@ class SparseMoE(MoELayer):
     def routing(self, x: torch.Tensor) -> "SparseRouting":
         """Which expert processes which token of ``x`` (B, T, d) and with what weight, per token:
         the batch cut into routing groups as ``forward`` cuts it, each part routed by ``route`` (forward's
-        own routing) and read out by ``assignment``
+        own routing) and read out by ``routed_pairs``
         (float32, no graph; training-mode gate noise as in forward). `moebench inspect` draws it."""
         tokens = x.shape[1]
         with routing_precision(x):
-            routed = [self.assignment(self.route(part)[1]) for part in self.parts(as_float32(x))]
+            routed = [self.routed_pairs(self.route(part)[1]) for part in self.parts(as_float32(x))]
         fields = [torch.cat([f.reshape(-1, tokens, f.shape[-1]) for f in field]) for field in zip(*routed)]
         return SparseRouting(*fields, chooser=self.chooser)
 
     chooser = "tokens"  # SparseRouting.chooser: who picks whom
 
-    def assignment(self, state: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def routed_pairs(self, state: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """What ``route`` decided for one part, per token and expert: (gates, requested, processed,
         weights), each (G, m, E); see SparseRouting."""
         raise NotImplementedError

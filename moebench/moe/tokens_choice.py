@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..schema import BOOL, Float, Int
+from ..schema import BOOL, Choice, Float, Int
 from .capacity import Rounding, compute_capacity
 from .metrics import cv_squared, load_stats
+from .plans import plan_balance, plan_label, plan_metrics, sinkhorn_plan, sorted_descending
 from .registry import Router, register
 from .sparse import GROUPED_OPTIONS, SparseMoE
 
@@ -44,6 +45,15 @@ class TokensChoiceMoE(SparseMoE):
     Auxiliary losses (each per group, averaged over groups, summed with its
     weight): importance and load (V-MoE; load needs training-time noise),
     Switch/GShard, and router z-loss (ST-MoE).
+
+    ``assignment="sinkhorn"`` is Sinkhorn Token Choice (Liu et al., TMLR 2024;
+    vmoe's ``KLProjectionNoisyTopExpertsPerItemRouter``): each token picks its
+    top-k experts by the group's balanced transport plan of the (noisy) logits
+    (``plans.sinkhorn_plan``, ``plan_iterations`` Sinkhorn iterations), BPR
+    serves tokens by their top plan entry, capacity applies as above, and the
+    combine weights are the softmax of the *clean* logits at the chosen pairs
+    (the authors' code takes the noise-free softmax here, unlike its Expert
+    Choice twin). The router learns only through those weights.
     """
 
     def __init__(
@@ -63,6 +73,8 @@ class TokensChoiceMoE(SparseMoE):
         switch_weight: float = 0.0,
         z_loss_weight: float = 0.0,
         identical_init: bool = False,
+        assignment: str = "softmax",
+        plan_iterations: int = 20,
     ):
         super().__init__(
             dim, hidden_dim, num_experts, capacity_factor, group_size=group_size, noise_std=noise_std,
@@ -70,7 +82,12 @@ class TokensChoiceMoE(SparseMoE):
         )
         if not 1 <= k <= num_experts:
             raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+        if assignment not in ("softmax", "sinkhorn"):
+            raise ValueError(f"assignment must be 'softmax' or 'sinkhorn', got {assignment!r}")
+        if plan_iterations < 1:
+            raise ValueError(f"plan_iterations must be >= 1, got {plan_iterations}")
         self.k, self.bpr = k, bpr
+        self.assignment, self.plan_iterations = assignment, plan_iterations
         self.loss_weights = {
             "importance": importance_weight, "load": load_weight, "switch": switch_weight, "z": z_loss_weight,
         }
@@ -85,10 +102,19 @@ class TokensChoiceMoE(SparseMoE):
         groups, m, dim = x.shape
         experts, k, capacity = self.num_experts, self.k, self.capacity(m)
         logits, noisy, gates = self.gates(x)
-        top_gate, top_expert = gates.topk(k, dim=-1)  # (G, m, k)
+        plan = None
+        if self.assignment == "sinkhorn":
+            plan = sinkhorn_plan(noisy.detach(), self.plan_iterations)
+            top_score, top_expert = (t[..., :k] for t in sorted_descending(plan))
+            combine_gates = gates if noisy is logits else logits.softmax(-1)
+            top_gate = combine_gates.gather(-1, top_expert)
+        else:
+            combine_gates = gates
+            top_gate, top_expert = gates.topk(k, dim=-1)  # (G, m, k)
+            top_score = top_gate
 
         if self.bpr:
-            order = torch.argsort(top_gate[..., 0].detach(), dim=1, descending=True, stable=True)
+            order = torch.argsort(top_score[..., 0].detach(), dim=1, descending=True, stable=True)
         else:
             order = torch.arange(m, device=x.device).expand(groups, m)
         by_rank = order.unsqueeze(-1).expand(groups, m, k)
@@ -113,14 +139,16 @@ class TokensChoiceMoE(SparseMoE):
         # A dropped choice reads row 0 with weight 0: it adds exactly nothing, and
         # its gate gets no gradient through the weight (top_gate * kept).
         state = {
-            "row": torch.where(kept, row, 0), "weight": top_gate * kept, "gates": gates, "kept": kept,
+            "row": torch.where(kept, row, 0), "weight": top_gate * kept, "gates": combine_gates, "kept": kept,
             "choices": top_expert,
         }
         if self.computes_losses:
             state["losses"] = self.aux_losses(logits, noisy, gates, top_expert[..., 0])
+        if plan is not None and self.tracking:
+            state["plan_balance"] = plan_balance(plan)
         return buffers, state
 
-    def assignment(self, state: dict):
+    def routed_pairs(self, state: dict):
         """Per token and expert (G, m, E): gates, chosen, processed (chosen and not dropped), weights."""
         gates, choices, kept = state["gates"], state["choices"], state["kept"]
         requested = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, choices, True)
@@ -188,11 +216,15 @@ class TokensChoiceMoE(SparseMoE):
                 for s in states
             )
             metrics = {"dropped": 1.0 - kept / choices, **load_stats(load), "gate_entropy": self.gate_entropy(states)}
+            if "plan_balance" in states[0]:
+                metrics.update(plan_metrics(states))
             metrics.update({f"{name}_loss": value.detach() for name, value in losses.items()})
         return aux, metrics
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, bpr={self.bpr}, " + super().extra_repr()
+        plan = f"assignment={self.assignment!r}, plan_iterations={self.plan_iterations}, " \
+            if self.assignment != "softmax" else ""
+        return f"k={self.k}, bpr={self.bpr}, {plan}" + super().extra_repr()
 
 
 def _check(r) -> str | None:
@@ -203,13 +235,18 @@ def _check(r) -> str | None:
 
 
 def _label(get) -> list[str]:
-    return [f"E{get('num_experts')}", f"k{get('k')}", f"C{get('capacity_factor')}"] + ([] if get("bpr") else ["noBPR"])
+    return [f"E{get('num_experts')}", f"k{get('k')}", f"C{get('capacity_factor')}"] + \
+        ([] if get("bpr") else ["noBPR"]) + plan_label(get)
 
 
 register(Router(
     name="tokens_choice",
     build=lambda dim, hidden_dim, num_tokens, options: TokensChoiceMoE(dim, hidden_dim, **options),
     options={**GROUPED_OPTIONS, "k": Int(1), "bpr": BOOL, "importance_weight": Float(0), "load_weight": Float(0),
-             "switch_weight": Float(0), "z_loss_weight": Float(0)},
+             "switch_weight": Float(0), "z_loss_weight": Float(0), "assignment": Choice("softmax", "sinkhorn"),
+             "plan_iterations": Int(1)},
     label=_label, check=_check, marker="s", order=1,
+    # The bench's own tokens_choice/E= rows time the softmax twin (same k, capacity, no noise): the gap is the plan's cost.
+    bench=lambda experts, tokens: {f"tokens_choice_sinkhorn/E={experts}": lambda d, h: TokensChoiceMoE(
+        d, h, experts, k=1, capacity_factor=1.0, noise_std=0.0, assignment="sinkhorn")},
 ))
