@@ -158,7 +158,7 @@ def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> Ru
     if ckpt is not None:
         run_dir = state["run_dir"] = checkpoint_path(cfg.resume).parent
     if ranks.is_main:
-        announce_run(run_dir, resumed_epoch=ckpt["epoch"] if ckpt is not None else None)
+        announce_run(run_dir, resumed=ckpt)
     data = load_cfg_data(cfg)
     # the same full model on every rank; a resumed run's weights are in its checkpoint
     model = build_model(cfg, data.in_chans, data.num_classes, load_pretrained=ckpt is None).to(device)

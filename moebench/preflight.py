@@ -25,7 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
-from . import checkpoint, resolvers, schema, search, upcycle
+from . import checkpoint, invocation, resolvers, schema, search, upcycle
 from .data import DataError, check_source
 from .errors import ConfigError
 
@@ -48,7 +48,7 @@ class Command:
         dir_key = "hydra.sweep.dir" if self.multirun else "hydra.run.dir"
         kept = [a for a in self.user_args if not a.split("=", 1)[0].lstrip("+") in (dir_key, "resume")]
         where = f"hydra.sweep.dir={self.sweep_dir}" if self.multirun else f"resume={run_dir}"
-        return shlex.join(["moebench", "train", *kept, where])
+        return " ".join([invocation.command(), shlex.join(["train", *kept, where])])
 
 
 def quote(value: str) -> str:

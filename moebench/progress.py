@@ -36,10 +36,18 @@ def plain_console_logging() -> None:
             root.handlers[i] = plain
 
 
-def announce_run(run_dir: Path | str, resumed_epoch: int | None = None) -> None:
-    """First lines of a run: console logging fit for its output, then where the run writes."""
+def announce_run(run_dir: Path | str, resumed: dict | None = None) -> None:
+    """First lines of a run: console logging fit for its output, then where the run writes.
+
+    ``resumed``: the checkpoint's position (0-based ``epoch``, ``batch``, ``step``), shown 1-based
+    like the epoch lines and the preemption message, so "preempted at step 111 (epoch 6 ...)" is
+    followed by "resuming at step 111 (epoch 6 ...)", not by an epoch one lower.
+    """
     plain_console_logging()
-    resuming = f" (resuming from epoch {resumed_epoch})" if resumed_epoch is not None else ""
+    resuming = ""
+    if resumed is not None:
+        resuming = (f" (resuming at step {resumed['step']}: epoch {resumed['epoch'] + 1}, "
+                    f"batch {resumed.get('batch', 0)})")
     log.info("run dir: %s%s", Path(run_dir).resolve(), resuming)
 
 

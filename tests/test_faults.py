@@ -84,7 +84,8 @@ def test_signals_at_random_steps_then_resuming_equals_an_uninterrupted_run(tmp_p
     resume_cmd = None
     for target, sig in zip(targets, (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
         if resume_cmd:  # the exact command the last preemption printed
-            args = shlex.split(resume_cmd)[2:]
+            words = shlex.split(resume_cmd)  # `moebench train ...` or `.venv/bin/moebench train ...`
+            args = words[words.index("train") + 1:]
             proc = subprocess.Popen([sys.executable, "-m", "moebench", "train", *args], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=SLOW, cwd=tmp_path)
         else:

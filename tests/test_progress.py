@@ -77,3 +77,11 @@ def test_piped_run_prints_its_dir_first_and_times_every_epoch(tmp_path):
         assert re.search(rf"elapsed {d} \({d}/epoch\), ETA {d}$", line), line
     assert lines[-1] == f"run dir: {run_dir}"  # the summary ends with the path whole
     assert "…" not in proc.stdout
+
+
+def test_resume_line_counts_epochs_from_1_like_the_preemption_message(caplog, tmp_path):
+    # A run preempted "at step 111 (epoch 6, batch 3/19)" has a checkpoint with the 0-based epoch 5.
+    from moebench.progress import announce_run
+    with caplog.at_level(logging.INFO, logger="moebench"):
+        announce_run(tmp_path, resumed={"epoch": 5, "batch": 3, "step": 111})
+    assert caplog.messages[-1].endswith("(resuming at step 111: epoch 6, batch 3)"), caplog.messages

@@ -246,4 +246,4 @@ def test_a_resumed_upcycled_run_never_reads_its_source_again(short_runs, tmp_pat
     resumed = result(run_dir)
     assert resumed["status"] == "completed" and resumed["epochs_completed"] == 2
     assert resumed["init_from"] == record  # carried by the checkpoint
-    assert "init_from" not in (run_dir / "train.log").read_text().split("resuming from epoch 1")[1]
+    assert "init_from" not in (run_dir / "train.log").read_text().split("resuming at step")[1]
