@@ -92,7 +92,7 @@ def test_sweep_callback_and_command_with_a_failing_job(tmp_path):
     proc = moebench("pareto", str(sweep), "--out", str(out), "--wandb-mode", "disabled")
     assert proc.returncode == 0, proc.stderr
     assert (out / "pareto.csv").read_text() == (sweep / "pareto.csv").read_text()
-    assert "not on a frontier" in proc.stdout and "k (router.k)" in proc.stdout
+    assert "left out: " in proc.stdout and "k (router.k)" in proc.stdout
 
 
 def test_pareto_command_on_a_missing_path_is_one_line(tmp_path):
@@ -253,3 +253,30 @@ def test_the_plot_explains_every_mark_in_human_units(tmp_path):
     assert flops["xscale"] == "linear" and params["xscale"] == "log"  # 30-31 MFLOPs is narrow; 0.2M-4M is not
     assert all(tick.endswith("M") for tick in flops["xticks"])  # 30M, not 0.03 or 3e-2
     assert {"200k", "1M"} <= set(params["xticks"]) and flops["ylabel"] == "test top-1 (%)"
+
+
+def test_the_end_line_counts_arms_on_no_frontier_apart_from_runs_left_out(tmp_path, capsys):
+    from moebench.pareto import print_files
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "0", "soft", 0.8, 1.0)
+    fake_run(sweep, "1", "dense", 0.7, 2.0)  # dearer and worse on every axis: on no frontier
+    fake_run(sweep, "2", "tokens_choice", 0.9, 3.0)
+    fake_run(sweep, "3", "soft", 0.0, 0.0, status="failed")
+    print_files(aggregate([sweep], sweep, show=False))
+    assert capsys.readouterr().out.splitlines()[0] == \
+        "3 runs in 3 arms, 1 of them on no frontier; 1 run left out (not completed or diverged) ->"
+
+
+def test_bars_stay_in_0_100_arms_under_3_seeds_are_hollow_and_the_title_names_the_setup(tmp_path):
+    from moebench.pareto import plot_title
+    from moebench.pareto.records import find_runs
+    for seed, top1 in enumerate((0.05, 0.95)):  # 2 seeds far apart: a t-interval of +-571 points
+        fake_run(tmp_path, f"soft{seed}", "soft", top1, 1.0, seed=seed)
+    summary = aggregate([tmp_path], tmp_path, show=False)
+    arm = summary["arms"][0]
+    assert arm["seeds"] == 2 and 100 * arm["top1_ci95"] > 500
+    drawn = plot(summary["runs"], summary["arms"], ["gflops_per_image"], "top1", tmp_path / "p.png",
+                 plot_title(find_runs([tmp_path]), summary["arms"]))
+    assert drawn["bars"][("", "gflops_per_image", arm["label"])] == (0.0, 100.0)
+    assert any(entry.startswith("hollow: fewer than 3 seeds") for entry in drawn["legend"])
+    assert drawn["title"] == "digits, model tiny, 3 epochs: 1 arm, 2 seeds each"
