@@ -50,12 +50,15 @@ def test_console_logs_become_plain_lines_off_a_terminal_only():
 def test_summary_shows_percent_and_units():
     rows = dict(summary_rows({
         "quality": {"top1": 0.9417, "loss": 0.2, "new_metric": 0.123456},
-        "cost": {"params_total": 5_300_000, "gflops_per_image": 0.0341, "peak_memory_mb": 2048.0},
+        "cost": {"params_total": 5_300_000, "gflops_per_image": 0.0341, "peak_memory_mb": 2048.0,
+                 "infer_ms_per_image": 10.5, "latency_ms": 230.0},
     }))
+    assert rows["inference time per image (batched)"] == "10.5 ms"  # not "latency": it is 1 / throughput
+    assert rows["inference latency (batch of 1)"] == "230 ms"  # was "cost/latency_ms 230", no unit
     assert rows["test top-1"] == "94.17%"
     assert rows["parameters"] == "5.3M"
     assert rows["FLOPs / image"] == "34.1 MFLOPs"
-    assert rows["peak memory"] == "2.00 GB"
+    assert rows["peak memory (process)"] == "2.00 GB"
     assert rows["quality/new_metric"] == "0.1235"  # a metric the table does not know still shows
 
 
