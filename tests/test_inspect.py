@@ -109,6 +109,8 @@ def test_inspect_writes_the_pictures_the_index_lists_and_the_numbers_behind_them
     out = run_dir / "inspect"
     pngs = {p.name for p in out.glob("*.png")}
     assert pngs == FIGURES[router] | COMMON
+    dir_mode, file_mode = out.stat().st_mode & 0o777, (out / "index.md").stat().st_mode & 0o777
+    assert dir_mode == file_mode | ((file_mode & 0o444) >> 2)  # readable by whoever may read its files (was 0700)
     for name in pngs:
         with Image.open(out / name) as image:
             assert image.format == "PNG" and min(image.size) > 100
