@@ -281,7 +281,8 @@ def fit(run: RunState, stopper: StopRequest) -> None:
     cfg = run.cfg
     steps_per_epoch = run.steps_per_epoch
     run.model.train()
-    with TrainProgress(cfg.train.epochs, steps_per_epoch, run.epoch, enabled=run.ranks.is_main) as progress:
+    with TrainProgress(cfg.train.epochs, steps_per_epoch, run.epoch, enabled=run.ranks.is_main,
+                       start_batch=run.batch) as progress:
         for epoch in range(run.epoch, cfg.train.epochs):
             run.train_loader.set_epoch(epoch)
             batches = iter(run.train_loader)

@@ -88,3 +88,15 @@ def test_resume_line_counts_epochs_from_1_like_the_preemption_message(caplog, tm
     with caplog.at_level(logging.INFO, logger="moebench"):
         announce_run(tmp_path, resumed={"epoch": 5, "batch": 3, "step": 111})
     assert caplog.messages[-1].endswith("(resuming at step 111: epoch 6, batch 3)"), caplog.messages
+
+
+def test_off_a_terminal_a_long_epoch_prints_a_progress_line_every_heartbeat(caplog):
+    from moebench.progress import TrainProgress
+    clock = iter(range(0, 1000, 40))  # 40 s per call of now()
+    with caplog.at_level(logging.INFO, logger="moebench"):
+        with TrainProgress(2, 5, start_batch=1, heartbeat_s=60, now=lambda: next(clock)) as progress:
+            for _ in range(4):
+                progress.advance(loss=1.5, lr=1e-3, images_per_s=400.0)
+    lines = [m for m in caplog.messages if m.startswith("epoch 1/2: step")]
+    assert lines and lines[0] == "epoch 1/2: step 3/5, loss 1.5000, lr 1.00e-03, 400 img/s"  # resumed at batch 1, 80 s later
+    assert len(lines) < 4  # not every step
