@@ -159,7 +159,7 @@ def test_seeds_of_one_config_form_an_arm_with_a_t_interval(tmp_path):
     assert on_disk["arms"] == json.loads(json.dumps(summary["arms"]))
 
 
-def test_runs_repeating_a_seed_are_one_sample_not_seed_noise(tmp_path):
+def test_runs_repeating_a_seed_are_one_sample_not_seed_noise(tmp_path, capsys):
     # A search may propose one configuration twice: same config, same seed, same result.
     # Counted as two seeds that would give a spread of 0 and a "separated" gap of any size.
     sweep = tmp_path / "sweep"
@@ -176,6 +176,8 @@ def test_runs_repeating_a_seed_are_one_sample_not_seed_noise(tmp_path):
     assert dense["top1_mean"] == pytest.approx(0.53)  # seeds weigh equally: (0.51 + 0.55) / 2
     gap = summary["comparisons"][0]
     assert gap["separated"] is None and gap["top1_difference_ci95"] is None  # one sample of soft: no interval
+    aggregate([sweep], sweep)  # and the terminal says so
+    assert "dense: 3 runs of 2 seed(s) with one config; runs that repeat a seed count once" in capsys.readouterr().out
 
 
 def test_a_key_added_later_with_a_null_default_keeps_older_runs_in_their_arm(tmp_path):

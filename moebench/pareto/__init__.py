@@ -140,6 +140,10 @@ def _aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None
         elif upcycled:
             print(f"{upcycled} of {len(done)} runs started from another run's checkpoint (init_from); their training "
                   "FLOPs leave that run's out: --include-init-cost counts it")
+        for arm in arms:  # e.g. dense under experts=8,32: one run trained twice, not two seeds
+            if len(arm["runs"]) > arm["seeds"]:
+                print(f"{arm['label']}: {len(arm['runs'])} runs of {arm['seeds']} seed(s) with one config; "
+                      "runs that repeat a seed count once")
         print_tables(arms, axes, quality, skipped)
         print_gaps(comparisons, quality)
     if rows:
