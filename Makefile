@@ -9,13 +9,20 @@ BIN := $(VENV)/bin
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
 
+# PyPI's Linux torch wheels pull in ~3 GB of CUDA libraries (a 6 GB venv); on a CPU-only machine
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu` installs the CPU wheels first.
+TORCH_INDEX ?=
+
 $(BIN)/moebench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/pip install --quiet torch torchvision --index-url $(TORCH_INDEX))
 	# conf/ ships as moebench.conf, so setuptools installs through an import hook and says so
 	# in an informational warning about editable installs: nothing to act on, so not shown.
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
+	@# The venv is not activated by make: say how to reach the command, or `moebench` is "not found".
+	@echo "moebench is installed in $(VENV)/: run $(BIN)/moebench, or 'source $(BIN)/activate' once per shell"
 
 install: $(BIN)/moebench ## create .venv and install moebench into it (editable, with test tools)
 
