@@ -51,12 +51,15 @@ def pct(value: float | None, signed: bool = False) -> str:
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
-def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str) -> str:
-    for ref in references:
+def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str, only: list[str] | None = None) -> str:
+    """The Markdown table; ``only``: these arms' rows (the references are compared with all the same)."""
+    for ref in [*references, *(only or [])]:
         if ref not in arms:
             sys.exit(f"compare_arms: no arm is labelled {ref!r}; arms: {', '.join(sorted(arms))}")
     values = {label: {seed: run[quality] for seed, run in runs.items()} for label, runs in arms.items()}
     order = sorted(values, key=lambda label: -statistics.fmean(values[label].values()))
+    if only:
+        order = [label for label in order if label in only]
     head = ["arm", "seeds", f"{quality} % (mean +- 95%)", "per seed", "GFLOPs/img"]
     for ref in references:
         head += [f"vs {ref} (Welch)", f"vs {ref} (paired)"]
@@ -81,14 +84,19 @@ def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str)
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="pareto.json files of one setup (FILE@TAG: TAG appended to its labels)")
     parser.add_argument("--reference", action="append", default=[], help="arm label to compare every arm with")
     parser.add_argument("--quality", default="top1", help="quality key of the run records (default top1)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
-    args = parser.parse_args(argv)
-    text = table(pooled_runs(args.files, args.quality), args.reference, args.quality)
+    parser.add_argument("--arm", action="append", default=[], help="show only this arm (repeatable; default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arg_parser().parse_args(argv)
+    text = table(pooled_runs(args.files, args.quality), args.reference, args.quality, args.arm)
     print(text, end="")
     if args.markdown:
         args.markdown.write_text(text)
