@@ -132,12 +132,12 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("overrides,needle", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
-def test_bad_input_is_one_clear_line_without_traceback(tmp_path, overrides, needle):
-    proc, _ = train(tmp_path, *overrides)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert needle in out, out[-2000:]
-    assert "Traceback" not in out, out[-2000:]
+def test_bad_input_is_one_clear_line_without_traceback(tmp_path, overrides, needle, cli_in_process):
+    # In this process (a refusal ends before any run): test_a_refusal_in_a_fresh_process is the subprocess case
+    code, out, err = cli_in_process("train", *TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert code == 2
+    assert needle in out + err, (out + err)[-2000:]
+    assert err.splitlines() == [err.strip()] and err.startswith("moebench: error: "), err[-2000:]
 
 
 REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
@@ -175,11 +175,22 @@ REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
 
 
 @pytest.mark.parametrize("overrides,line", REFUSED_BEFORE_ANY_WORK, ids=[" ".join(o) for o, _ in REFUSED_BEFORE_ANY_WORK])
-def test_wrong_types_unknown_keys_and_bad_overrides_are_refused_before_any_work(tmp_path, overrides, line):
+def test_wrong_types_unknown_keys_and_bad_overrides_are_refused_before_any_work(tmp_path, overrides, line,
+                                                                              cli_in_process):
+    code, _, err = cli_in_process("train", *overrides, *TINY, cwd=tmp_path)
+    assert code == 2
+    assert err.splitlines() == [f"moebench: error: {line}"], err[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir
+
+
+def test_a_refusal_in_a_fresh_process_is_one_line_without_traceback(tmp_path):
+    # The cases above run in the test's process; one of them as a user meets it: exit code and
+    # stderr of a real `moebench` process.
+    overrides, line = REFUSED_BEFORE_ANY_WORK[0]
     proc = moebench("train", *overrides, *TINY, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"moebench: error: {line}"], proc.stderr[-2000:]
-    assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_root_for_data_that_needs_none_is_one_warning(tmp_path):
