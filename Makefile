@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench bench-processes smoke clean
+.PHONY: help install train test test-slow test-all bench bench-processes smoke clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
@@ -32,11 +32,14 @@ train: install ## the main job: Soft MoE with 128 experts on the bundled digits 
 smoke: install ## one run of every router on tiny synthetic data (seconds)
 	$(BIN)/moebench train -m experiment=smoke router=soft,tokens_choice,experts_choice,dense
 
-test: install ## the fast test suite (what CI runs; < 10 min on 2 cores)
+test: install ## the default test suite (what CI runs): unit tests and a short end-to-end test of every command
 	$(BIN)/python -m pytest
 
-test-slow: install ## the slow tests only (long end-to-end runs)
+test-slow: install ## the long end-to-end tests left out of `make test` (resume, faults, torchrun, launchers, studies)
 	$(BIN)/python -m pytest -m slow
+
+test-all: install ## both
+	$(BIN)/python -m pytest -m "slow or not slow"
 
 # The peers' Python is imported: keep them in a dir of your own (never /tmp, where anyone can plant a package);
 # moebench bench refuses a peers dir owned by another user or writable by others. Absent: peers skipped.

@@ -41,6 +41,7 @@ def test_each_router_trains_and_records_cost_and_quality(tmp_path, router):
     assert (run_dir / "train.log").is_file()
 
 
+@pytest.mark.slow  # two runs; RandAugment and MixUp/CutMix are unit-tested in test_data.py
 def test_strong_augmentation_trains_with_mixed_labels(tmp_path):
     """RandAugment + MixUp/CutMix end to end: soft targets reach the loss, and the run completes.
     The same run without MixUp/CutMix starts from the same weights and batches (before mixing); the
@@ -87,6 +88,7 @@ def test_multirun_sweep_runs_every_job_in_readable_dirs(tmp_path):
     assert {result(sweep / j)["status"] for j in jobs} == {"completed"}
 
 
+@pytest.mark.slow  # test_pareto.py's sweep with a failing job (k=9) covers it in the default suite
 def test_one_failed_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = moebench("train", "-m", *TINY, "router=tokens_choice", "router.group_size=2", "k=1,9",
@@ -213,6 +215,7 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_any_allocation(tmp_pa
     assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir
 
 
+@pytest.mark.slow  # three runs; test_faults.py's corrupt-checkpoint test is the default suite's
 def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
@@ -230,6 +233,7 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
     assert (run_dir / "last.pt").read_bytes() == before  # nothing lost
 
 
+@pytest.mark.slow  # four runs; test_faults.py's kill -9 test resumes to the same run in the default suite
 def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
     common = ["router=tokens_choice", "router.group_size=2", "train.epochs=3", "deterministic=true", "data.num_train=96"]
     proc, straight = train(tmp_path, *common, name="straight")
@@ -260,6 +264,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
     assert result(cut)["quality"] == result(straight)["quality"]
 
 
+@pytest.mark.slow  # W&B's service start; the sweep test of test_pareto.py logs offline in the default suite
 def test_wandb_offline_run_files(tmp_path):
     env = {**ENV, "WANDB_DIR": str(tmp_path / "wandb-global")}
     run_dir = tmp_path / "run"
@@ -269,6 +274,7 @@ def test_wandb_offline_run_files(tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+@pytest.mark.slow  # a pip install and three runs
 def test_non_editable_install_works_from_any_directory(tmp_path):
     """Build and install the project like a user (`pip install .`), then run it away from the repo."""
     site = tmp_path / "site"
@@ -307,6 +313,7 @@ def test_torch_compile_keeps_the_aux_losses(tmp_path):
     assert aux and all(a > 0 for a in aux)
 
 
+@pytest.mark.slow  # four runs
 def test_rerunning_into_the_same_dir_skips_completed_and_resumes_unfinished(tmp_path):
     common = ["router=soft", "train.epochs=2", "deterministic=true"]
     proc, run_dir = train(tmp_path, *common, "train.time_limit_min=0")

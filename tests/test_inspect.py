@@ -28,17 +28,26 @@ FIGURES = {
 COMMON = {"expert_load.png", "position_rate.png", "expert_similarity.png", "training_routing.png"}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inspect")
-    out = {}
-    for router in (*ROUTERS, "dense"):
+class Runs(dict):
+    """One smoke run per router, trained when a test first asks for it: a selection of tests (the
+    default suite leaves some out) trains only the routers it uses."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, router):
         wandb = "wandb.mode=offline" if router == "soft" else "wandb.mode=disabled"  # one run checks W&B logging
         proc = moebench("train", *DIGITS, f"router={router}", *SPARSE.get(router, []), wandb,
-                        f"hydra.run.dir={root / router}")
+                        f"hydra.run.dir={self.root / router}")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[router] = root / router
-    return out
+        self[router] = self.root / router
+        return self[router]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("inspect"))
 
 
 def model_and_batch(run_dir):
@@ -101,7 +110,7 @@ def test_inspected_soft_routing_is_the_layers_own_for_every_option(options):
     torch.testing.assert_close(rebuild_output(layer, x, routing), y, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("router", [pytest.param(r, marks=[] if r == "soft" else pytest.mark.slow) for r in ROUTERS])  # slow: the sparse routers' pictures (one inspect process each)
 def test_inspect_writes_the_pictures_the_index_lists_and_the_numbers_behind_them(runs, router):
     run_dir = runs[router]
     proc = moebench("inspect", str(run_dir), "--images", "3")
@@ -150,6 +159,7 @@ def test_inspect_writes_the_pictures_the_index_lists_and_the_numbers_behind_them
     assert any(key.endswith("entropy") for key in curves), curves.keys()
 
 
+@pytest.mark.slow  # W&B's service start
 def test_inspect_logs_to_the_runs_own_wandb_run_only_when_it_used_wandb(runs):
     soft, tokens = runs["soft"], runs["tokens_choice"]
     for run_dir in (soft, tokens):

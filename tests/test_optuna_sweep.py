@@ -58,6 +58,7 @@ def study(tmp_path_factory):
     return {"proc": proc, "sweep": sweep, "root": root, "runs": runs, "told": json.loads(told.read_text())}
 
 
+@pytest.mark.slow  # a study of several trials
 def test_a_failed_trial_is_told_as_failed_and_the_study_completes(study):
     proc = study["proc"]
     assert proc.returncode == 1, proc.stderr[-3000:]  # as any sweep with a failed job: recorded, exit 1
@@ -78,6 +79,7 @@ def test_a_failed_trial_is_told_as_failed_and_the_study_completes(study):
     assert routers <= {"soft", "tokens_choice", "experts_choice", "dense"} and len(study["runs"]) == 4
 
 
+@pytest.mark.slow  # a study of several trials
 def test_the_study_pareto_set_is_the_moebench_pareto_frontier(study):
     solutions = yaml.safe_load((study["sweep"] / "optimization_results.yaml").read_text())["solutions"]
     assert solutions

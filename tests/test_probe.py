@@ -137,6 +137,7 @@ def test_probe_bad_input_is_one_line_and_leaves_result_json_alone(digits_run, tm
     assert proc.returncode == 2 and "missing" in proc.stderr
 
 
+@pytest.mark.slow  # two runs; the probe command is tested on one run above
 def test_eval_probe_runs_after_training_and_bad_settings_stop_before_it(tmp_path):
     run_dir = tmp_path / "run"
     proc = moebench("train", "experiment=smoke", "data=digits", "data.num_train=null", "data.num_test=60",

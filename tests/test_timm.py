@@ -150,6 +150,7 @@ def run_of(sweep, router):
     return next(p for p in sweep.iterdir() if p.name.endswith(f"router={router}"))
 
 
+@pytest.mark.slow  # a sweep of timm models
 @pytest.mark.parametrize("router,metric", [("soft", "combine_entropy"), ("tokens_choice", "dropped")])
 def test_smoke_runs_train_measure_and_record(sweep, router, metric):
     run_dir = run_of(sweep, router)
@@ -165,6 +166,7 @@ def test_smoke_runs_train_measure_and_record(sweep, router, metric):
     assert any(key.startswith("diagnostics/blocks.1.mlp/") for line in lines for key in line)
 
 
+@pytest.mark.slow  # a sweep of timm models
 def test_pareto_and_inspect_work_on_timm_runs(sweep):
     from moebench.inspection.report import inspect_run
 
