@@ -282,3 +282,13 @@ def test_bars_stay_in_0_100_arms_under_3_seeds_are_hollow_and_the_title_names_th
     assert drawn["bars"][("", "gflops_per_image", arm["label"])] == (0.0, 100.0)
     assert any(entry.startswith("hollow: fewer than 3 seeds") for entry in drawn["legend"])
     assert drawn["title"] == "digits, model tiny, 3 epochs: 1 arm, 2 seeds each"
+
+
+def test_every_pareto_call_on_one_dir_logs_to_one_w_and_b_run(tmp_path):
+    # Each `moebench pareto` call used to add another pareto run to the W&B group; wandb.init
+    # resumes this id instead (checked by hand offline: both calls write run-<this id>).
+    from moebench.pareto.wandb_run import pareto_run_id
+    cfg = {"project": "moebench", "entity": None}
+    assert pareto_run_id(tmp_path / "s", cfg) == pareto_run_id(tmp_path / "x" / ".." / "s", cfg)
+    assert pareto_run_id(tmp_path / "s", cfg) != pareto_run_id(tmp_path / "t", cfg)
+    assert pareto_run_id(tmp_path / "s", cfg) != pareto_run_id(tmp_path / "s", {**cfg, "project": "other"})
