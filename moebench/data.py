@@ -89,7 +89,7 @@ def load_data(
     cache_dir: str | None = None,
     val_fraction: float = 0.0,
 ) -> ImageData:
-    """Load dataset ``name`` (one of ``NAMES``) into memory; see the README's data table.
+    """Load dataset ``name`` (one of ``NAMES``) into memory; see docs/running.md, Data.
 
     ``val_fraction`` of the training split (after ``num_train``) is held out as a
     validation split, stratified by class and the same for every seed, so that

@@ -218,3 +218,33 @@ def test_ci_runs_the_readmes_test_command():
     readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
     assert "make test " in readme or "make test\n" in readme
     assert re.search(r"^make test$", ci, re.M)
+
+
+def test_the_tiny_imagenet_step_makes_the_tree_the_preset_reads(tmp_path):
+    # A snapshot of the release's layout with 2 classes: train/<wnid>/images/*, val/images/* + annotations.
+    sys.path.insert(0, str(REPO / "experiments"))
+    import tinyimagenet
+
+    src = tmp_path / "IMagenet" / "tiny-imagenet-200"
+    for wnid in ("n01", "n02"):
+        (src / "train" / wnid / "images").mkdir(parents=True)
+        (src / "train" / wnid / "images" / f"{wnid}_0.JPEG").write_bytes(b"jpeg " + wnid.encode())
+    (src / "val" / "images").mkdir(parents=True)
+    (src / "val" / "images" / "val_0.JPEG").write_bytes(b"val")
+    (src / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t63\t63\n")
+    (src / "wnids.txt").write_text("n01\nn02\n")
+    (src / "words.txt").write_text("n01\tgoldfish\nn02\ttabby cat\nn03\tunused\n")
+    git = lambda *a: subprocess.run([shutil.which("git") or "git", *a], cwd=src.parent, check=True,  # noqa: E731
+                                    capture_output=True, env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                                                              "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "snapshot")
+    out = tmp_path / "tree"
+    assert tinyimagenet.build(src.parent, out, expected=(2, 1)) == {"train": 2, "test": 1}
+    assert (out / "train" / "n02" / "n02_0.JPEG").read_bytes() == b"jpeg n02"
+    assert (out / "test" / "n02" / "val_0.JPEG").read_bytes() == b"val"  # labelled by the annotations
+    assert (out / "classes.tsv").read_text() == "0\tn01\tgoldfish\n1\tn02\ttabby cat\n"
+    with pytest.raises(SystemExit, match="expected 100000 train"):
+        tinyimagenet.build(src.parent, tmp_path / "other")  # a partial snapshot is refused, nothing renamed
+    assert not (tmp_path / "other").exists()
