@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "train" and HELP_FLAGS & set(args):
             # The help reads conf/ only: answer it without importing torch (seconds on a loaded machine).
+            from datetime import datetime
+
+            from . import resolvers
             from .confhelp import train_help
+
+            resolvers.register(stamp=datetime.now().strftime)
             return train_help(args)
         module = importlib.import_module(f".{COMMANDS[command][0]}", __package__)
         return module.main(args)

@@ -177,20 +177,12 @@ def train_help(args: list[str]) -> int:
     take seconds to import, tens of seconds on a loaded machine; the help needs conf/ alone).
 
     Hydra composes the config with the overrides, as the app would, and prints its help template,
-    which calls ``moebench_help``; the other resolvers the composed config names are registered
-    here with the same meaning (a start stamp, the sweep-dir label) so nothing imports torch.
+    which calls ``moebench_help``. The caller registers the resolvers (``resolvers.register`` with
+    a plain start stamp), so nothing imports torch.
     """
     import sys
-    from datetime import datetime
 
     import hydra
-
-    from .resolvers import dirname_label
-
-    started = datetime.now()
-    OmegaConf.register_new_resolver("moebench_help", help_resolver, replace=True)
-    OmegaConf.register_new_resolver("moebench_now", started.strftime, replace=True)
-    OmegaConf.register_new_resolver("moebench_label", dirname_label, replace=True)
 
     @hydra.main(config_path=str(conf_root()), config_name="train", version_base="1.3")
     def show(_cfg) -> None:  # not called: --help ends in Hydra
