@@ -205,11 +205,11 @@ def test_a_root_for_data_that_needs_none_is_one_warning(tmp_path):
 
 
 @pytest.mark.parametrize("multirun", [[], ["-m"]], ids=["run", "sweep"])
-def test_a_run_that_cannot_fit_in_memory_is_refused_before_any_allocation(tmp_path, multirun):
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_any_allocation(tmp_path, multirun, cli_in_process):
     experts = ["experts=4,1000000000"] if multirun else ["experts=1000000000"]
-    proc = moebench("train", *multirun, *TINY, *experts, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    [line] = proc.stderr.splitlines()
+    code, _, err = cli_in_process("train", *multirun, *TINY, *experts, cwd=tmp_path)
+    assert code == 2, err[-2000:]
+    [line] = err.splitlines()
     assert line.startswith("moebench: error: this run cannot fit in memory: experts=1000000000, model.dim=16, ")
     assert " GB (1,088,000,021,257 parameters with gradients and AdamW state " in line and "(RAM) has " in line
     assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir

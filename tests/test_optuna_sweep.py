@@ -111,10 +111,10 @@ def test_the_study_pareto_set_is_the_moebench_pareto_frontier(study):
      "moebench: error: hydra.sweeper.direction=[maximize,minimize] does not fit "
      "search.objectives=[gflops_per_image,val_top1_best]; set hydra.sweeper.direction=[minimize,maximize]"),
 ])
-def test_bad_objectives_are_refused_before_any_work(tmp_path, override, message):
-    proc = moebench("train", *STUDY, override, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+def test_bad_objectives_are_refused_before_any_work(tmp_path, override, message, cli_in_process):
+    code, _, err = cli_in_process("train", *STUDY, override, cwd=tmp_path)
+    assert code == 2
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err[-2000:]
     assert not (tmp_path / "multirun").exists()
 
 

@@ -123,18 +123,19 @@ def test_probe_cli_writes_result_json_probe_keys_and_keeps_the_rest(digits_run):
     assert [row["probe.digits.5shot"] for row in summary["runs"]] == [merged["digits"]["5shot"]["top1_mean"]]
 
 
-def test_probe_bad_input_is_one_line_and_leaves_result_json_alone(digits_run, tmp_path):
+def test_probe_bad_input_is_one_line_and_leaves_result_json_alone(digits_run, tmp_path, cli_in_process):
+    # in this process: a fresh one per case spent seconds importing torch before refusing
     path = digits_run / "result.json"
     before = path.read_bytes()
     for args, needle in ((["--shots", "0"], "shots"), (["--shots", "a,b"], "shots"),
                          (["--data", "nope"], "'nope'"), (["--draws", "0"], "draws"),
                          (["--shots", "500"], "500-shot")):
-        proc = moebench("probe", str(digits_run), *args)
-        assert proc.returncode == 2, args
-        assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        code, _, err = cli_in_process("probe", str(digits_run), *args, cwd=tmp_path)
+        assert code == 2, args
+        assert needle in err and len(err.strip().splitlines()) == 1, err
     assert path.read_bytes() == before
-    proc = moebench("probe", str(tmp_path / "missing"))
-    assert proc.returncode == 2 and "missing" in proc.stderr
+    code, _, err = cli_in_process("probe", str(tmp_path / "missing"), cwd=tmp_path)
+    assert code == 2 and "missing" in err
 
 
 @pytest.mark.slow  # two runs; the probe command is tested on one run above
