@@ -22,6 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from moebench.progress import human_count
 from moebench.stats import ci95_half_width, paired_ci95, welch_ci95
 
 
@@ -51,13 +52,18 @@ def pct(value: float | None, signed: bool = False) -> str:
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
-def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str) -> str:
-    for ref in references:
+def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str, only: list[str] | None = None,
+          params: bool = False) -> str:
+    """The Markdown table; ``only``: these arms' rows (the references are compared with all the same);
+    ``params``: a column of the arms' parameter counts."""
+    for ref in [*references, *(only or [])]:
         if ref not in arms:
             sys.exit(f"compare_arms: no arm is labelled {ref!r}; arms: {', '.join(sorted(arms))}")
     values = {label: {seed: run[quality] for seed, run in runs.items()} for label, runs in arms.items()}
     order = sorted(values, key=lambda label: -statistics.fmean(values[label].values()))
-    head = ["arm", "seeds", f"{quality} % (mean +- 95%)", "per seed", "GFLOPs/img"]
+    if only:
+        order = [label for label in order if label in only]
+    head = ["arm", "seeds", f"{quality} % (mean +- 95%)", "per seed", "GFLOPs/img", *(["params"] if params else [])]
     for ref in references:
         head += [f"vs {ref} (Welch)", f"vs {ref} (paired)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -67,6 +73,8 @@ def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str)
         cells = [label, str(len(vals)), f"{pct(statistics.fmean(vals.values()))} +- {pct(half)}",
                  ", ".join(pct(vals[s]) for s in sorted(vals)),
                  f"{statistics.fmean(r['gflops_per_image'] for r in arms[label].values()):.4f}"]
+        if params:
+            cells.append(human_count(statistics.fmean(r["params_total"] for r in arms[label].values())))
         for ref in references:
             if label == ref:
                 cells += ["", ""]
@@ -81,14 +89,20 @@ def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str)
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="pareto.json files of one setup (FILE@TAG: TAG appended to its labels)")
     parser.add_argument("--reference", action="append", default=[], help="arm label to compare every arm with")
     parser.add_argument("--quality", default="top1", help="quality key of the run records (default top1)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
-    args = parser.parse_args(argv)
-    text = table(pooled_runs(args.files, args.quality), args.reference, args.quality)
+    parser.add_argument("--arm", action="append", default=[], help="show only this arm (repeatable; default: all)")
+    parser.add_argument("--params", action="store_true", help="add a column of the arms' parameter counts")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arg_parser().parse_args(argv)
+    text = table(pooled_runs(args.files, args.quality), args.reference, args.quality, args.arm, args.params)
     print(text, end="")
     if args.markdown:
         args.markdown.write_text(text)

@@ -7,7 +7,7 @@ training step (metrics.jsonl: dispatch/combine max and entropy, drops, ...)
 and the weight diagnostics of its final model (moebench.moe.collect_diagnostics
 on last.pt: expert, slot-parameter and gate similarity, Soft MoE's scale). The
 weight diagnostics are recomputed from the checkpoint, so runs trained before
-they were logged get them too. The write-ups in experiments/README.md quote it.
+they were logged get them too. The recipe pages (experiments/recipes/) quote it.
 """
 
 from __future__ import annotations

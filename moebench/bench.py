@@ -487,15 +487,16 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> int:
+def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moebench bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=192)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per example")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=192, help="token width d of every layer (default 192: ViT-Ti)")
+    parser.add_argument("--hidden", type=int, default=768, help="expert / MLP hidden width (default 768)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per example (default 64)")
+    parser.add_argument("--batch", type=int, default=128, help="examples per timed forward+backward (default 128)")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256],
+                        help="expert counts of the growth section (default 8 16 32 64 128 256)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported (default 7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per layer before the rounds (default 2)")
     parser.add_argument("--peers", type=Path, default=None,
                         help="directory holding snapshots of soft-moe-pytorch/ and st-moe-pytorch/ (skipped if absent); "
                              "their code is imported, so it must be yours and writable by no one else")
@@ -503,7 +504,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-inference", action="store_true", help="skip the inference section")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = arg_parser().parse_args(argv)
     if any(e < 1 for e in args.experts) or min(args.dim, args.hidden, args.tokens, args.batch, args.repeats) < 1:
         print("moebench bench: --experts, --dim, --hidden, --tokens, --batch and --repeats must be >= 1",
               file=sys.stderr)

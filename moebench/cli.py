@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-from . import plugins
+from . import invocation, plugins
 from .allocator import tune_cpu_allocator
 from .errors import UserError
 
@@ -24,6 +24,8 @@ COMMANDS = {  # name -> (module, one-line help)
     "inspect": ("inspection", "pictures of what a trained run's routers do (RUN_DIR/inspect/index.md)"),
     "probe": ("probe", "few-shot linear probe on a trained run's frozen features (result.json probe.*)"),
 }
+
+HELP_FLAGS = {"--help", "-h"}
 
 EXAMPLES = """
 Examples:
@@ -53,6 +55,7 @@ def sleep_idle_openmp_threads() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    invocation.remember(sys.argv[0])  # hints name the command that started us (train rewrites sys.argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(), end="")
         return 0 if argv else 2
@@ -68,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moebench: error: {err}", file=sys.stderr)
         return 2
     try:
+        if command == "train" and HELP_FLAGS & set(args):
+            # The help reads conf/ only: answer it without importing torch (seconds on a loaded machine).
+            from datetime import datetime
+
+            from . import resolvers
+            from .confhelp import train_help
+
+            resolvers.register(stamp=datetime.now().strftime)
+            return train_help(args)
         module = importlib.import_module(f".{COMMANDS[command][0]}", __package__)
         return module.main(args)
     except KeyboardInterrupt:

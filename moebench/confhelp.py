@@ -170,3 +170,30 @@ def help_resolver(*, _root_) -> str:
     # Hydra fills its template with string.Template: a literal "$" (e.g. in ${experts}) is written "$$".
     return help_text(conf_root(), values, choices).replace("$", "$$")
 
+
+
+def train_help(args: list[str]) -> int:
+    """`moebench train [overrides] --help` without the train app's imports (torch and the model code
+    take seconds to import, tens of seconds on a loaded machine; the help needs conf/ alone).
+
+    Hydra composes the config with the overrides, as the app would, and prints its help template,
+    which calls ``moebench_help``. The caller registers the resolvers (``resolvers.register`` with
+    a plain start stamp), so nothing imports torch.
+    """
+    import sys
+
+    import hydra
+
+    @hydra.main(config_path=str(conf_root()), config_name="train", version_base="1.3")
+    def show(_cfg) -> None:  # not called: --help ends in Hydra
+        pass
+
+    saved = sys.argv
+    sys.argv = ["moebench train", *args]
+    try:
+        show()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = saved
+    return 0

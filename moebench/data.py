@@ -9,6 +9,7 @@ augments and normalises whole batches with a generator seeded by
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ import torch.nn.functional as F
 RANDAUGMENT_GROUP = 8
 NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+log = logging.getLogger("moebench")
 
 
 class DataError(Exception):
@@ -85,7 +89,7 @@ def load_data(
     cache_dir: str | None = None,
     val_fraction: float = 0.0,
 ) -> ImageData:
-    """Load dataset ``name`` (one of ``NAMES``) into memory; see the README's data table.
+    """Load dataset ``name`` (one of ``NAMES``) into memory; see docs/running.md, Data.
 
     ``val_fraction`` of the training split (after ``num_train``) is held out as a
     validation split, stratified by class and the same for every seed, so that
@@ -249,9 +253,14 @@ def _imagefolder(root: str | None, image_size: int | None, cache_dir: str | None
     if cache_file.is_file():
         try:
             saved = torch.load(cache_file, weights_only=True)
+            log.info("data: %d images of %s from the cache %s", len(train_files) + len(test_files), root_path,
+                     cache_file)
             return ((saved["xtr"], saved["ytr"]), (saved["xte"], saved["yte"])), list(saved["classes"])
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
+    # Decoding 60k-100k JPEGs takes minutes on a loaded CPU: say so, or the run looks hung.
+    log.info("data: decoding %d images of %s once (minutes for 100k images); later runs read the cache %s",
+             len(train_files) + len(test_files), root_path, cache_file)
     xtr, ytr = _decode(train_files, image_size)
     xte, yte = _decode(test_files, image_size)
     cache.mkdir(parents=True, exist_ok=True)

@@ -158,7 +158,7 @@ def build(cfg: DictConfig, run_dir: Path, recorder_cfg: dict, state: dict) -> Ru
     if ckpt is not None:
         run_dir = state["run_dir"] = checkpoint_path(cfg.resume).parent
     if ranks.is_main:
-        announce_run(run_dir, resumed_epoch=ckpt["epoch"] if ckpt is not None else None)
+        announce_run(run_dir, resumed=ckpt)
     data = load_cfg_data(cfg)
     # the same full model on every rank; a resumed run's weights are in its checkpoint
     model = build_model(cfg, data.in_chans, data.num_classes, load_pretrained=ckpt is None).to(device)
@@ -281,7 +281,8 @@ def fit(run: RunState, stopper: StopRequest) -> None:
     cfg = run.cfg
     steps_per_epoch = run.steps_per_epoch
     run.model.train()
-    with TrainProgress(cfg.train.epochs, steps_per_epoch, run.epoch, enabled=run.ranks.is_main) as progress:
+    with TrainProgress(cfg.train.epochs, steps_per_epoch, run.epoch, enabled=run.ranks.is_main,
+                       start_batch=run.batch) as progress:
         for epoch in range(run.epoch, cfg.train.epochs):
             run.train_loader.set_epoch(epoch)
             batches = iter(run.train_loader)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
-from . import checkpoint, resolvers, schema, search, upcycle
+from . import checkpoint, invocation, resolvers, schema, search, upcycle
 from .data import DataError, check_source
 from .errors import ConfigError
 
@@ -48,7 +49,7 @@ class Command:
         dir_key = "hydra.sweep.dir" if self.multirun else "hydra.run.dir"
         kept = [a for a in self.user_args if not a.split("=", 1)[0].lstrip("+") in (dir_key, "resume")]
         where = f"hydra.sweep.dir={self.sweep_dir}" if self.multirun else f"resume={run_dir}"
-        return shlex.join(["moebench", "train", *kept, where])
+        return " ".join([invocation.command(), shlex.join(["train", *kept, where])])
 
 
 def quote(value: str) -> str:
@@ -81,10 +82,12 @@ def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Comma
         return command
     keys = {o.get_key_element().lstrip("+~") for o in parsed}
 
-    first, defaults, init_jobs = None, {}, []
+    first, defaults, init_jobs, same_run = None, {}, [], {}
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         for job in jobs:
             cfg = compose_job(job)
+            if command.multirun:
+                same_run.setdefault(run_identity(cfg), []).append(job)
             first = first if first is not None else cfg
             groups = tuple(o for o in job if is_group_choice(o))
             if groups not in defaults:  # conf/'s values for these groups: the types of unlisted keys
@@ -106,6 +109,7 @@ def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Comma
                 fits(cfg)
 
     hydra_cfg = first.hydra
+    command.warnings += repeated_job_warnings(same_run.values())
     if command.multirun:
         if "hydra.sweep.dir" not in keys:  # every launcher's workers would compute their own otherwise
             command.args.append(f"hydra.sweep.dir={quote(str(hydra_cfg.sweep.dir))}")
@@ -131,6 +135,30 @@ def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Comma
             command.args.append(f"hydra.run.dir={quote(str(run_dir))}")
     command.run_dir = run_dir
     return command
+
+
+def run_identity(cfg) -> str:
+    """What a job trains: its resolved config without the shortcut keys (experts, k, ...), which act
+    only through the router keys they feed. Two jobs with one identity train the same run."""
+    config = schema.flatten(resolve(cfg, quiet=True))
+    return json.dumps({key: value for key, value in config.items() if key not in schema.UNCHECKED},
+                      sort_keys=True, default=str)
+
+
+def repeated_job_warnings(groups) -> list[str]:
+    """One line per set of jobs that would train the same run, e.g. `router=dense experts=8,32`:
+    dense has no experts, so the two jobs repeat one run (pareto then counts it once, as one seed)."""
+    warnings = []
+    for jobs in groups:
+        if len(jobs) < 2:
+            continue
+        common = set(jobs[0]).intersection(*map(set, jobs[1:]))
+        differing = sorted({o.split("=", 1)[0] for job in jobs for o in job if o not in common})
+        shown = " | ".join(" ".join(o for o in job if o not in common) for job in jobs)
+        warnings.append(f"{len(jobs)} jobs train the same run ({shown}): "
+                        f"{', '.join(differing)} change{'s' if len(differing) == 1 else ''} nothing for {' '.join(sorted(common)) or 'them'}; "
+                        "each repeats the first, and moebench pareto counts them as one run")
+    return warnings
 
 
 GROUPS = ("model", "router", "data", "experiment", "variant")

@@ -23,11 +23,16 @@ def dirname_label(override_dirname: str, limit: int = 120) -> str:
     return f"{override_dirname[:limit].rsplit(',', 1)[0]},...{digest}"
 
 
-def register() -> None:
+def register(stamp=None) -> None:
     """Register moebench_label (sweep job dirs), moebench_now (one start stamp for all ranks)
-    and moebench_help (`moebench train --help`); idempotent."""
-    from . import confhelp, distributed  # the help text and the stamp are theirs
+    and moebench_help (`moebench train --help`); idempotent. ``stamp``: strftime of the start
+    time, for `--help`, which needs no ranks (distributed.run_stamp imports torch)."""
+    from . import confhelp  # the help text is its
 
+    if stamp is None:
+        from . import distributed  # the stamp all ranks share
+
+        stamp = distributed.run_stamp
     OmegaConf.register_new_resolver("moebench_label", dirname_label, replace=True)
-    OmegaConf.register_new_resolver("moebench_now", distributed.run_stamp, replace=True)
+    OmegaConf.register_new_resolver("moebench_now", stamp, replace=True)
     OmegaConf.register_new_resolver("moebench_help", confhelp.help_resolver, replace=True)

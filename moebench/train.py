@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from . import checkpoint, distributed, faults, preflight, probe, resolvers, search, status  # probe: eval.probe after training
+from . import checkpoint, distributed, faults, invocation, preflight, probe, resolvers, search, status  # probe: eval.probe after training
 from .build import build_model, check_fits, conf_dir, validate  # noqa: F401 (build_model: tests/test_distributed.py)
 from .checkpoint import check_resume_config
 from .data import DataError
@@ -172,7 +172,7 @@ def resume_command(run_dir: Path, multirun: bool) -> str:
     if COMMAND is not None:
         return COMMAND.resume_command(run_dir)
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
-    return shlex.join(["moebench", "train", *overrides, f"resume={run_dir}"])
+    return " ".join([invocation.command(), shlex.join(["train", *overrides, f"resume={run_dir}"])])
 
 
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")

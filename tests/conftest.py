@@ -59,3 +59,30 @@ def tiny_run(tmp_path_factory) -> Path:
     proc, run_dir = train(tmp_path_factory.mktemp("tiny"), "router=soft", "seed=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch, capsys):
+    """``moebench ARGS`` called in this process: returns (exit code, stdout, stderr).
+
+    For refusals, which end before any run starts: a fresh process spends seconds importing torch
+    for each case, the refusal itself a fraction of one. What the CLI changes process-wide (malloc
+    tuning, OMP_WAIT_POLICY, sys.argv) is kept from the test process or restored after it. A case
+    that is not refused would train here: the callers assert exit code 2.
+    """
+    from moebench import cli
+
+    monkeypatch.setattr(cli, "tune_cpu_allocator", lambda: False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+
+    def run(*args: str, cwd: Path) -> tuple[int, str, str]:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = cli.main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+

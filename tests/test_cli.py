@@ -41,6 +41,7 @@ def test_each_router_trains_and_records_cost_and_quality(tmp_path, router):
     assert (run_dir / "train.log").is_file()
 
 
+@pytest.mark.slow  # two runs; RandAugment and MixUp/CutMix are unit-tested in test_data.py
 def test_strong_augmentation_trains_with_mixed_labels(tmp_path):
     """RandAugment + MixUp/CutMix end to end: soft targets reach the loss, and the run completes.
     The same run without MixUp/CutMix starts from the same weights and batches (before mixing); the
@@ -60,10 +61,9 @@ def test_strong_augmentation_trains_with_mixed_labels(tmp_path):
     assert max(abs(a - b) for a, b in zip(losses[1:], plain[1:])) > 1e-4, (losses, plain)
 
 
-def test_gflops_per_image_is_the_analytic_count(tmp_path):
+def test_gflops_per_image_is_the_analytic_count(tiny_run):
     """Soft MoE ViT of 2 blocks (the second is MoE): 4 tokens of width 16, 4 experts x 1 slot."""
-    proc, run_dir = train(tmp_path, "router=soft")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tiny_run  # conftest's session run: the same model (the seed changes no FLOPs), trained once
     t, d, h, s, classes, patch_pixels = 4, 16, 32, 4, 10, 3 * 4 * 4
     attention = 2 * t * d * 3 * d + 2 * t * d * d + 4 * t * t * d  # qkv, proj, scores and mix
     expected = (
@@ -76,6 +76,7 @@ def test_gflops_per_image_is_the_analytic_count(tmp_path):
     assert result(run_dir)["cost"]["gflops_per_image"] * 1e9 == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow  # a second sweep: test_pareto.py's sweep with a failing job is the default suite's
 def test_multirun_sweep_runs_every_job_in_readable_dirs(tmp_path):
     proc = moebench("train", "-m", *TINY, "router=soft,dense", cwd=tmp_path)  # the default, dated sweep dir
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,6 +88,7 @@ def test_multirun_sweep_runs_every_job_in_readable_dirs(tmp_path):
     assert {result(sweep / j)["status"] for j in jobs} == {"completed"}
 
 
+@pytest.mark.slow  # test_pareto.py's sweep with a failing job (k=9) covers it in the default suite
 def test_one_failed_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = moebench("train", "-m", *TINY, "router=tokens_choice", "router.group_size=2", "k=1,9",
@@ -132,12 +134,12 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("overrides,needle", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
-def test_bad_input_is_one_clear_line_without_traceback(tmp_path, overrides, needle):
-    proc, _ = train(tmp_path, *overrides)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert needle in out, out[-2000:]
-    assert "Traceback" not in out, out[-2000:]
+def test_bad_input_is_one_clear_line_without_traceback(tmp_path, overrides, needle, cli_in_process):
+    # In this process (a refusal ends before any run): test_a_refusal_in_a_fresh_process is the subprocess case
+    code, out, err = cli_in_process("train", *TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert code == 2
+    assert needle in out + err, (out + err)[-2000:]
+    assert err.splitlines() == [err.strip()] and err.startswith("moebench: error: "), err[-2000:]
 
 
 REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
@@ -175,11 +177,22 @@ REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
 
 
 @pytest.mark.parametrize("overrides,line", REFUSED_BEFORE_ANY_WORK, ids=[" ".join(o) for o, _ in REFUSED_BEFORE_ANY_WORK])
-def test_wrong_types_unknown_keys_and_bad_overrides_are_refused_before_any_work(tmp_path, overrides, line):
+def test_wrong_types_unknown_keys_and_bad_overrides_are_refused_before_any_work(tmp_path, overrides, line,
+                                                                              cli_in_process):
+    code, _, err = cli_in_process("train", *overrides, *TINY, cwd=tmp_path)
+    assert code == 2
+    assert err.splitlines() == [f"moebench: error: {line}"], err[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir
+
+
+def test_a_refusal_in_a_fresh_process_is_one_line_without_traceback(tmp_path):
+    # The cases above run in the test's process; one of them as a user meets it: exit code and
+    # stderr of a real `moebench` process.
+    overrides, line = REFUSED_BEFORE_ANY_WORK[0]
     proc = moebench("train", *overrides, *TINY, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"moebench: error: {line}"], proc.stderr[-2000:]
-    assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_root_for_data_that_needs_none_is_one_warning(tmp_path):
@@ -192,16 +205,17 @@ def test_a_root_for_data_that_needs_none_is_one_warning(tmp_path):
 
 
 @pytest.mark.parametrize("multirun", [[], ["-m"]], ids=["run", "sweep"])
-def test_a_run_that_cannot_fit_in_memory_is_refused_before_any_allocation(tmp_path, multirun):
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_any_allocation(tmp_path, multirun, cli_in_process):
     experts = ["experts=4,1000000000"] if multirun else ["experts=1000000000"]
-    proc = moebench("train", *multirun, *TINY, *experts, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    [line] = proc.stderr.splitlines()
+    code, _, err = cli_in_process("train", *multirun, *TINY, *experts, cwd=tmp_path)
+    assert code == 2, err[-2000:]
+    [line] = err.splitlines()
     assert line.startswith("moebench: error: this run cannot fit in memory: experts=1000000000, model.dim=16, ")
     assert " GB (1,088,000,021,257 parameters with gradients and AdamW state " in line and "(RAM) has " in line
     assert list(tmp_path.iterdir()) == []  # no run dir, no sweep dir
 
 
+@pytest.mark.slow  # three runs; test_faults.py's corrupt-checkpoint test is the default suite's
 def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
@@ -219,6 +233,7 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
     assert (run_dir / "last.pt").read_bytes() == before  # nothing lost
 
 
+@pytest.mark.slow  # four runs; test_faults.py's kill -9 test resumes to the same run in the default suite
 def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
     common = ["router=tokens_choice", "router.group_size=2", "train.epochs=3", "deterministic=true", "data.num_train=96"]
     proc, straight = train(tmp_path, *common, name="straight")
@@ -249,6 +264,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
     assert result(cut)["quality"] == result(straight)["quality"]
 
 
+@pytest.mark.slow  # W&B's service start; the sweep test of test_pareto.py logs offline in the default suite
 def test_wandb_offline_run_files(tmp_path):
     env = {**ENV, "WANDB_DIR": str(tmp_path / "wandb-global")}
     run_dir = tmp_path / "run"
@@ -258,6 +274,7 @@ def test_wandb_offline_run_files(tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+@pytest.mark.slow  # a pip install and three runs
 def test_non_editable_install_works_from_any_directory(tmp_path):
     """Build and install the project like a user (`pip install .`), then run it away from the repo."""
     site = tmp_path / "site"
@@ -296,6 +313,7 @@ def test_torch_compile_keeps_the_aux_losses(tmp_path):
     assert aux and all(a > 0 for a in aux)
 
 
+@pytest.mark.slow  # four runs
 def test_rerunning_into_the_same_dir_skips_completed_and_resumes_unfinished(tmp_path):
     common = ["router=soft", "train.epochs=2", "deterministic=true"]
     proc, run_dir = train(tmp_path, *common, "train.time_limit_min=0")

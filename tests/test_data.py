@@ -33,10 +33,12 @@ def make_tree(root, splits=("train", "test"), classes=("cat", "dog"), per_class=
 
 
 @pytest.mark.parametrize("test_split", ["test", "val"])
-def test_imagefolder_loads_and_caches(tmp_path, test_split, monkeypatch):
+def test_imagefolder_loads_and_caches(tmp_path, test_split, monkeypatch, caplog):
     root = make_tree(tmp_path / "tree", splits=("train", test_split))
     cache = tmp_path / "cache"
-    d = load_data("imagefolder", root=str(root), cache_dir=str(cache))
+    with caplog.at_level("INFO", logger="moebench"):
+        d = load_data("imagefolder", root=str(root), cache_dir=str(cache))
+    assert any(m.startswith("data: decoding 12 images of ") for m in caplog.messages)  # not minutes of silence
     assert d.train_images.shape == (6, 3, 8, 8) and d.class_names == ["cat", "dog"]
     assert torch.equal(d.train_labels, torch.tensor([0, 0, 0, 1, 1, 1]))
     assert len(list(cache.glob("*.pt"))) == 1

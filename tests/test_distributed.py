@@ -266,6 +266,7 @@ def single_process_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow  # torchrun: 2 processes per run; DDP and expert parallelism are checked in-process above
 def test_torchrun_ddp_matches_one_process_and_only_rank_0_writes(tmp_path, single_process_run):
     proc = torchrun("train", *TC, "wandb.mode=offline", cwd=tmp_path)  # default run dir: a timestamp ranks share
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -279,6 +280,7 @@ def test_torchrun_ddp_matches_one_process_and_only_rank_0_writes(tmp_path, singl
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # one W&B run, rank 0's
 
 
+@pytest.mark.slow  # torchrun, four runs
 def test_expert_parallel_checkpoints_resume_across_process_counts(tmp_path, single_process_run):
     # Sharded for the first epoch (stopped by the time limit), one process for the second...
     ep_first = tmp_path / "ep_first"
@@ -298,6 +300,7 @@ def test_expert_parallel_checkpoints_resume_across_process_counts(tmp_path, sing
     assert_same_training(single_process_run, one_first)
 
 
+@pytest.mark.slow  # torchrun
 def test_expert_parallel_needs_experts_divisible_by_processes(tmp_path):
     # Rank 0 pauses before it prints: a rank 1 that exited at once would have torchrun stop rank 0
     # before its line is out (the refusal is agreed first, so rank 1 waits).
@@ -312,6 +315,7 @@ def test_expert_parallel_needs_experts_divisible_by_processes(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused: nothing written
 
 
+@pytest.mark.slow  # torchrun
 def test_a_rank_that_raises_stops_every_rank_promptly_with_one_error(tmp_path):
     run_dir = tmp_path / "run"
     # Rank 1 fails in its 3rd step while rank 0 waits in that step's collective. A collective
@@ -327,6 +331,7 @@ def test_a_rank_that_raises_stops_every_rank_promptly_with_one_error(tmp_path):
     assert res["position"]["step"] == 2
 
 
+@pytest.mark.slow  # torchrun, a sweep
 def test_torchrun_sweep_lands_in_one_sweep_dir(tmp_path):
     proc = torchrun("train", "-m", *TC, "train.epochs=1", "seed=0,1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

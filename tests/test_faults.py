@@ -76,6 +76,7 @@ def straight(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow  # three signals and resumes; the kill -9 test below is the default suite's
 def test_signals_at_random_steps_then_resuming_equals_an_uninterrupted_run(tmp_path, straight):
     run_dir = tmp_path / "cut"
     rng = random.Random(1)
@@ -84,7 +85,8 @@ def test_signals_at_random_steps_then_resuming_equals_an_uninterrupted_run(tmp_p
     resume_cmd = None
     for target, sig in zip(targets, (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
         if resume_cmd:  # the exact command the last preemption printed
-            args = shlex.split(resume_cmd)[2:]
+            words = shlex.split(resume_cmd)  # `moebench train ...` or `.venv/bin/moebench train ...`
+            args = words[words.index("train") + 1:]
             proc = subprocess.Popen([sys.executable, "-m", "moebench", "train", *args], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=SLOW, cwd=tmp_path)
         else:
@@ -161,6 +163,7 @@ def test_a_corrupt_checkpoint_in_the_run_dir_is_refused_and_kept(tmp_path):
     assert not (run_dir / ".hydra").exists()  # refused before Hydra wrote anything
 
 
+@pytest.mark.slow  # two concurrent runs
 def test_a_second_run_into_the_same_dir_refuses_while_the_first_runs(tmp_path):
     run_dir = tmp_path / "run"
     long = ["train.epochs=40"]  # 160 slowed steps: still running when the second starts
@@ -176,6 +179,7 @@ def test_a_second_run_into_the_same_dir_refuses_while_the_first_runs(tmp_path):
     assert result(run_dir)["status"] == "preempted"  # the first run's records are its own
 
 
+@pytest.mark.slow  # two runs
 def test_divergence_stops_the_run_and_is_recorded(tmp_path):
     run_dir = tmp_path / "run"
     env = {**ENV, "MOEBENCH_FAULT": "nan:step:6"}
@@ -194,6 +198,7 @@ def test_divergence_stops_the_run_and_is_recorded(tmp_path):
     assert json.loads((run_dir / "pareto.json").read_text())["runs"] == []  # never on a frontier
 
 
+@pytest.mark.slow  # a run with injected faults
 def test_skip_nonfinite_steps_skips_that_many_then_goes_on(tmp_path):
     run_dir = tmp_path / "run"
     env = {**ENV, "MOEBENCH_FAULT": "nan:step:6"}
@@ -203,6 +208,7 @@ def test_skip_nonfinite_steps_skips_that_many_then_goes_on(tmp_path):
     assert res["status"] == "completed" and res["skipped_nonfinite_steps"] == 1
 
 
+@pytest.mark.slow  # three runs
 def test_resume_refuses_a_result_changing_difference_and_leaves_nothing_behind(tmp_path):
     run_dir = tmp_path / "run"
     proc = moebench("train", *RUN, "train.epochs=2", "train.time_limit_min=0", f"hydra.run.dir={run_dir}")
@@ -257,6 +263,7 @@ def job_dir(proc: subprocess.Popen, sweep: Path, num: int, steps: int) -> Path:
     raise AssertionError(proc.communicate()[1][-3000:])
 
 
+@pytest.mark.slow  # a held lock and a sweep
 def test_a_sweep_job_whose_dir_another_process_holds_writes_nothing_there(tmp_path, capsys):
     """The fast form of the next test: this process holds job 0's run dir, as a live run would."""
     from moebench import checkpoint
@@ -335,6 +342,7 @@ def flip_tensor_bytes(path: Path, count: int = 64) -> None:
     path.write_bytes(bytes(raw))
 
 
+@pytest.mark.slow  # two runs per case
 @pytest.mark.parametrize("damage", ["flipped", "truncated"])
 def test_a_damaged_last_checkpoint_is_detected_and_the_previous_one_resumes(tmp_path, straight, damage):
     run_dir = tmp_path / "run"
@@ -375,6 +383,7 @@ def test_checksums_catch_changed_values_and_older_checkpoints_without_one_still_
             checkpoint.load_checkpoint(tmp_path / "changed.pt")
 
 
+@pytest.mark.slow  # a sweep beside a held lock
 def test_a_sweep_counts_only_its_own_jobs_in_a_shared_sweep_dir(tmp_path):
     """Fast form of the next test: the sweep dir already holds another launch's runs, one in flight
     (this process holds its lock) and one failed."""

@@ -72,3 +72,9 @@ def test_help_lists_every_group_option_with_its_description_and_marks_the_choice
     assert "Keys of router=tokens_choice (conf/router/tokens_choice.yaml):" in text
     assert re.search(r"^  router\.bpr=true +Batch Priority Routing", text, re.M)
     assert re.search(r"^  data\.num_train=64 ", text, re.M)  # the value the experiment sets, not the default
+
+
+def test_every_bench_option_says_what_it_does():
+    from moebench.bench import arg_parser
+    silent = [action.option_strings for action in arg_parser()._actions if not action.help]
+    assert not silent, silent  # `moebench bench --help` listed --dim, --hidden, --batch... without a word

@@ -28,17 +28,26 @@ FIGURES = {
 COMMON = {"expert_load.png", "position_rate.png", "expert_similarity.png", "training_routing.png"}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inspect")
-    out = {}
-    for router in (*ROUTERS, "dense"):
+class Runs(dict):
+    """One smoke run per router, trained when a test first asks for it: a selection of tests (the
+    default suite leaves some out) trains only the routers it uses."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, router):
         wandb = "wandb.mode=offline" if router == "soft" else "wandb.mode=disabled"  # one run checks W&B logging
         proc = moebench("train", *DIGITS, f"router={router}", *SPARSE.get(router, []), wandb,
-                        f"hydra.run.dir={root / router}")
+                        f"hydra.run.dir={self.root / router}")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[router] = root / router
-    return out
+        self[router] = self.root / router
+        return self[router]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("inspect"))
 
 
 def model_and_batch(run_dir):
@@ -101,7 +110,7 @@ def test_inspected_soft_routing_is_the_layers_own_for_every_option(options):
     torch.testing.assert_close(rebuild_output(layer, x, routing), y, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("router", [pytest.param(r, marks=[] if r == "soft" else pytest.mark.slow) for r in ROUTERS])  # slow: the sparse routers' pictures (one inspect process each)
 def test_inspect_writes_the_pictures_the_index_lists_and_the_numbers_behind_them(runs, router):
     run_dir = runs[router]
     proc = moebench("inspect", str(run_dir), "--images", "3")
@@ -109,6 +118,8 @@ def test_inspect_writes_the_pictures_the_index_lists_and_the_numbers_behind_them
     out = run_dir / "inspect"
     pngs = {p.name for p in out.glob("*.png")}
     assert pngs == FIGURES[router] | COMMON
+    dir_mode, file_mode = out.stat().st_mode & 0o777, (out / "index.md").stat().st_mode & 0o777
+    assert dir_mode == file_mode | ((file_mode & 0o444) >> 2)  # readable by whoever may read its files (was 0700)
     for name in pngs:
         with Image.open(out / name) as image:
             assert image.format == "PNG" and min(image.size) > 100
@@ -148,6 +159,7 @@ def test_inspect_writes_the_pictures_the_index_lists_and_the_numbers_behind_them
     assert any(key.endswith("entropy") for key in curves), curves.keys()
 
 
+@pytest.mark.slow  # W&B's service start
 def test_inspect_logs_to_the_runs_own_wandb_run_only_when_it_used_wandb(runs):
     soft, tokens = runs["soft"], runs["tokens_choice"]
     for run_dir in (soft, tokens):
@@ -163,13 +175,14 @@ def test_inspect_logs_to_the_runs_own_wandb_run_only_when_it_used_wandb(runs):
     assert not (tokens / "wandb").exists()  # W&B disabled for that run: nothing logged
 
 
-def test_dense_run_has_no_routing_to_draw_and_bad_input_is_one_line(runs, tmp_path):
+def test_dense_run_has_no_routing_to_draw_and_bad_input_is_one_line(runs, tmp_path, cli_in_process):
     proc = moebench("inspect", str(runs["dense"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = runs["dense"] / "inspect"
     assert not list(out.glob("*.png")) and "no routing to draw" in (out / "index.md").read_text()
+    # the refusals in this process (a fresh one spends seconds importing torch first)
     for args, needle in ((["--images", "0"], "--images"), (["--checkpoint", "nope.pt"], "nope.pt")):
-        proc = moebench("inspect", str(runs["soft"]), *args)
-        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
-    proc = moebench("inspect", str(tmp_path / "missing"))
-    assert proc.returncode == 2 and "missing" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        code, _, err = cli_in_process("inspect", str(runs["dense"]), *args, cwd=tmp_path)
+        assert code == 2 and needle in err and "Traceback" not in err
+    code, _, err = cli_in_process("inspect", str(tmp_path / "missing"), cwd=tmp_path)
+    assert code == 2 and "missing" in err and len(err.strip().splitlines()) == 1

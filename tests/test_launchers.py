@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from conftest import ENV, moebench, result
 
 TINY_SWEEP = ["-m", "experiment=smoke", "router=tokens_choice", "router.group_size=2"]
@@ -22,6 +24,7 @@ def the_sweep_dir(cwd) -> object:
     return sweeps[0]
 
 
+@pytest.mark.slow  # submitit workers
 def test_submitit_local_sweep_lands_runs_and_pareto_in_the_sweep_dir(tmp_path):
     proc = moebench("train", *TINY_SWEEP, "k=1,2", "hydra/launcher=submitit_local", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -32,6 +35,7 @@ def test_submitit_local_sweep_lands_runs_and_pareto_in_the_sweep_dir(tmp_path):
     assert len(pareto["runs"]) == 2 and (sweep / "pareto.csv").is_file()
 
 
+@pytest.mark.slow  # submitit workers
 def test_submitit_local_failed_job_is_recorded_and_fails_the_command(tmp_path):
     sweep = tmp_path / "sweep"
     proc = moebench("train", *TINY_SWEEP, "k=1,9", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}")
@@ -44,6 +48,7 @@ def test_submitit_local_failed_job_is_recorded_and_fails_the_command(tmp_path):
     assert len(json.loads((sweep / "pareto.json").read_text())["runs"]) == 1
 
 
+@pytest.mark.slow  # joblib workers
 def test_parallel_sweep_caps_threads_and_reports_a_failed_job(tmp_path):
     proc = moebench("train", *TINY_SWEEP, "k=1,9", "hydra/launcher=parallel", cwd=tmp_path)
     assert proc.returncode == 1  # the failure happened in a worker process, yet the command says so

@@ -58,6 +58,7 @@ def study(tmp_path_factory):
     return {"proc": proc, "sweep": sweep, "root": root, "runs": runs, "told": json.loads(told.read_text())}
 
 
+@pytest.mark.slow  # a study of several trials
 def test_a_failed_trial_is_told_as_failed_and_the_study_completes(study):
     proc = study["proc"]
     assert proc.returncode == 1, proc.stderr[-3000:]  # as any sweep with a failed job: recorded, exit 1
@@ -78,6 +79,7 @@ def test_a_failed_trial_is_told_as_failed_and_the_study_completes(study):
     assert routers <= {"soft", "tokens_choice", "experts_choice", "dense"} and len(study["runs"]) == 4
 
 
+@pytest.mark.slow  # a study of several trials
 def test_the_study_pareto_set_is_the_moebench_pareto_frontier(study):
     solutions = yaml.safe_load((study["sweep"] / "optimization_results.yaml").read_text())["solutions"]
     assert solutions
@@ -109,10 +111,10 @@ def test_the_study_pareto_set_is_the_moebench_pareto_frontier(study):
      "moebench: error: hydra.sweeper.direction=[maximize,minimize] does not fit "
      "search.objectives=[gflops_per_image,val_top1_best]; set hydra.sweeper.direction=[minimize,maximize]"),
 ])
-def test_bad_objectives_are_refused_before_any_work(tmp_path, override, message):
-    proc = moebench("train", *STUDY, override, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+def test_bad_objectives_are_refused_before_any_work(tmp_path, override, message, cli_in_process):
+    code, _, err = cli_in_process("train", *STUDY, override, cwd=tmp_path)
+    assert code == 2
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err[-2000:]
     assert not (tmp_path / "multirun").exists()
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
@@ -83,6 +84,7 @@ def test_hash_routing_sends_token_i_to_expert_i_mod_e():
     assert routing.processed[1].nonzero()[:, 1].tolist() == [i % 4 for i in range(10)]
 
 
+@pytest.mark.slow  # train, pareto, inspect and bench in four processes
 def test_a_router_from_a_plugin_trains_aggregates_inspects_and_benches(tmp_path):
     sweep = tmp_path / "sweep"
     proc = moebench("train", "-m", *DIGITS, "router=hash,dense", "experts=4", f"hydra.sweep.dir={sweep}")

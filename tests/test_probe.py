@@ -91,7 +91,7 @@ def digits_run(tmp_path_factory):
     return run_dir
 
 
-def test_probe_cli_writes_result_json_probe_keys_and_keeps_the_rest(digits_run):
+def test_probe_cli_writes_result_json_probe_keys_and_keeps_the_rest(digits_run, cli_in_process):
     path = digits_run / "result.json"
     before = json.loads(path.read_text())
     proc = moebench("probe", str(digits_run), "--shots", "1,5", "--draws", "2")
@@ -106,37 +106,41 @@ def test_probe_cli_writes_result_json_probe_keys_and_keeps_the_rest(digits_run):
         assert s["test_examples"] == 100 and all(l2 in L2_GRID for l2 in s["l2_per_draw"])
     assert f"digits 5shot: top-1 {after['probe']['digits']['5shot']['top1_mean']:.4f}" in proc.stdout
 
-    # A second probe (another dataset, other shots) adds to the record and keeps the first one.
-    proc = moebench("probe", str(digits_run), "--data", "synthetic", "--shots", "2", "--draws", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A second probe (another dataset, other shots) adds to the record and keeps the first one
+    # (the CLI in this process: the first call above is the fresh-process one).
+    code, _, err = cli_in_process("probe", str(digits_run), "--data", "synthetic", "--shots", "2", "--draws", "1",
+                                  cwd=digits_run.parent)
+    assert code == 0, err[-3000:]
     merged = json.loads(path.read_text())["probe"]
     assert set(merged) == {"digits", "synthetic"} and merged["digits"] == after["probe"]["digits"]
     assert set(merged["synthetic"]) == {"2shot"}
 
     # The probe as the quality axis of a frontier.
     out = digits_run.parent / "pareto"
-    proc = moebench("pareto", str(digits_run), "--quality", "probe.digits.5shot", "--out", str(out),
-                    "--wandb-mode", "disabled")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = cli_in_process("pareto", str(digits_run), "--quality", "probe.digits.5shot", "--out", str(out),
+                                  "--wandb-mode", "disabled", cwd=digits_run.parent)
+    assert code == 0, err[-3000:]
     summary = json.loads((out / "pareto.json").read_text())
     assert summary["quality"] == "probe.digits.5shot"
     assert [row["probe.digits.5shot"] for row in summary["runs"]] == [merged["digits"]["5shot"]["top1_mean"]]
 
 
-def test_probe_bad_input_is_one_line_and_leaves_result_json_alone(digits_run, tmp_path):
+def test_probe_bad_input_is_one_line_and_leaves_result_json_alone(digits_run, tmp_path, cli_in_process):
+    # in this process: a fresh one per case spent seconds importing torch before refusing
     path = digits_run / "result.json"
     before = path.read_bytes()
     for args, needle in ((["--shots", "0"], "shots"), (["--shots", "a,b"], "shots"),
                          (["--data", "nope"], "'nope'"), (["--draws", "0"], "draws"),
                          (["--shots", "500"], "500-shot")):
-        proc = moebench("probe", str(digits_run), *args)
-        assert proc.returncode == 2, args
-        assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        code, _, err = cli_in_process("probe", str(digits_run), *args, cwd=tmp_path)
+        assert code == 2, args
+        assert needle in err and len(err.strip().splitlines()) == 1, err
     assert path.read_bytes() == before
-    proc = moebench("probe", str(tmp_path / "missing"))
-    assert proc.returncode == 2 and "missing" in proc.stderr
+    code, _, err = cli_in_process("probe", str(tmp_path / "missing"), cwd=tmp_path)
+    assert code == 2 and "missing" in err
 
 
+@pytest.mark.slow  # two runs; the probe command is tested on one run above
 def test_eval_probe_runs_after_training_and_bad_settings_stop_before_it(tmp_path):
     run_dir = tmp_path / "run"
     proc = moebench("train", "experiment=smoke", "data=digits", "data.num_train=null", "data.num_test=60",

@@ -50,12 +50,15 @@ def test_console_logs_become_plain_lines_off_a_terminal_only():
 def test_summary_shows_percent_and_units():
     rows = dict(summary_rows({
         "quality": {"top1": 0.9417, "loss": 0.2, "new_metric": 0.123456},
-        "cost": {"params_total": 5_300_000, "gflops_per_image": 0.0341, "peak_memory_mb": 2048.0},
+        "cost": {"params_total": 5_300_000, "gflops_per_image": 0.0341, "peak_memory_mb": 2048.0,
+                 "infer_ms_per_image": 10.5, "latency_ms": 230.0},
     }))
+    assert rows["inference time per image (batched)"] == "10.5 ms"  # not "latency": it is 1 / throughput
+    assert rows["inference latency (batch of 1)"] == "230 ms"  # was "cost/latency_ms 230", no unit
     assert rows["test top-1"] == "94.17%"
     assert rows["parameters"] == "5.3M"
     assert rows["FLOPs / image"] == "34.1 MFLOPs"
-    assert rows["peak memory"] == "2.00 GB"
+    assert rows["peak memory (process)"] == "2.00 GB"
     assert rows["quality/new_metric"] == "0.1235"  # a metric the table does not know still shows
 
 
@@ -77,3 +80,23 @@ def test_piped_run_prints_its_dir_first_and_times_every_epoch(tmp_path):
         assert re.search(rf"elapsed {d} \({d}/epoch\), ETA {d}$", line), line
     assert lines[-1] == f"run dir: {run_dir}"  # the summary ends with the path whole
     assert "…" not in proc.stdout
+
+
+def test_resume_line_counts_epochs_from_1_like_the_preemption_message(caplog, tmp_path):
+    # A run preempted "at step 111 (epoch 6, batch 3/19)" has a checkpoint with the 0-based epoch 5.
+    from moebench.progress import announce_run
+    with caplog.at_level(logging.INFO, logger="moebench"):
+        announce_run(tmp_path, resumed={"epoch": 5, "batch": 3, "step": 111})
+    assert caplog.messages[-1].endswith("(resuming at step 111: epoch 6, batch 3)"), caplog.messages
+
+
+def test_off_a_terminal_a_long_epoch_prints_a_progress_line_every_heartbeat(caplog):
+    from moebench.progress import TrainProgress
+    clock = iter(range(0, 1000, 40))  # 40 s per call of now()
+    with caplog.at_level(logging.INFO, logger="moebench"):
+        with TrainProgress(2, 5, start_batch=1, heartbeat_s=60, now=lambda: next(clock)) as progress:
+            for _ in range(4):
+                progress.advance(loss=1.5, lr=1e-3, images_per_s=400.0)
+    lines = [m for m in caplog.messages if m.startswith("epoch 1/2: step")]
+    assert lines and lines[0] == "epoch 1/2: step 3/5, loss 1.5000, lr 1.00e-03, 400 img/s"  # resumed at batch 1, 80 s later
+    assert len(lines) < 4  # not every step

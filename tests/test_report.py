@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from moebench import report
 from moebench.tracking import atomic_write_json, run_name, runs_wandb_mode, sweep_group
-
-ENV = {**os.environ, "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
 def fake_run(sweep: Path, name: str, router: str, *, params: int, wandb_mode: str = "offline",
@@ -60,16 +55,15 @@ def test_pareto_w_and_b_mode_follows_the_runs_unless_given(tmp_path):
     assert report.pareto_wandb_cfg([sweep], sweep, mode="offline", group="g")["mode"] == "offline"
 
 
-def test_pareto_over_runs_without_w_and_b_creates_no_w_and_b_run(tmp_path):
+def test_pareto_over_runs_without_w_and_b_creates_no_w_and_b_run(tmp_path, cli_in_process):
     sweep = tmp_path / "sweep"
     for i, router in enumerate(("soft", "dense")):
         fake_run(sweep, str(i), router, params=1000 * (i + 1), wandb_mode="disabled")
-    proc = subprocess.run([sys.executable, "-m", "moebench", "pareto", str(sweep), "--wandb-report"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _, err = cli_in_process("pareto", str(sweep), "--wandb-report", cwd=tmp_path)  # the CLI, in this process
+    assert code == 0, err[-2000:]
     assert (sweep / "pareto.csv").is_file()
     assert not list(sweep.rglob("wandb"))  # no W&B run, offline or not
-    notes = [line for line in proc.stderr.splitlines() if "--wandb-report" in line]
+    notes = [line for line in err.splitlines() if "--wandb-report" in line]
     assert len(notes) == 1 and "needs W&B online" in notes[0]
 
 

@@ -150,6 +150,7 @@ def run_of(sweep, router):
     return next(p for p in sweep.iterdir() if p.name.endswith(f"router={router}"))
 
 
+@pytest.mark.slow  # a sweep of timm models
 @pytest.mark.parametrize("router,metric", [("soft", "combine_entropy"), ("tokens_choice", "dropped")])
 def test_smoke_runs_train_measure_and_record(sweep, router, metric):
     run_dir = run_of(sweep, router)
@@ -165,6 +166,7 @@ def test_smoke_runs_train_measure_and_record(sweep, router, metric):
     assert any(key.startswith("diagnostics/blocks.1.mlp/") for line in lines for key in line)
 
 
+@pytest.mark.slow  # a sweep of timm models
 def test_pareto_and_inspect_work_on_timm_runs(sweep):
     from moebench.inspection.report import inspect_run
 
@@ -177,6 +179,7 @@ def test_pareto_and_inspect_work_on_timm_runs(sweep):
         assert (run_of(sweep, router) / "inspect" / "index.md").is_file()
 
 
+@pytest.mark.slow  # timm's import and a failing job in a fresh process; the in-process timm tests above stay
 def test_pretrained_offline_is_one_line(tmp_path):
     env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # never touches the network
     run_dir = tmp_path / "run"

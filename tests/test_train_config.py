@@ -154,3 +154,16 @@ def test_every_status_has_its_exit_code():
     assert [status.exit_code(s) for s in ("completed", "stopped", "diverged", "failed")] == [0, 0, 3, 1]
     assert status.exit_code("preempted", signal.SIGTERM) == 143 and status.exit_code("preempted", signal.SIGINT) == 130
     assert status.exit_code("preempted", signal.SIGUSR1) == 138
+
+
+def test_jobs_that_differ_only_in_keys_their_router_ignores_are_named_before_the_sweep(tmp_path):
+    # dense has no experts: `router=soft,dense experts=4,8` trains dense twice, the same run.
+    from moebench import preflight
+    from moebench.build import conf_dir
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    command = preflight.prepare(["-m", "experiment=smoke", "router=soft,dense", "experts=4,8", sweep], conf_dir())
+    assert command.warnings == [
+        "2 jobs train the same run (experts=4 | experts=8): experts changes nothing for experiment=smoke "
+        f"{sweep} router=dense; each repeats the first, and moebench pareto counts them as one run"]
+    command = preflight.prepare(["-m", "experiment=smoke", "router=soft,tokens_choice", "experts=4,8", sweep], conf_dir())
+    assert command.warnings == []  # every job its own run

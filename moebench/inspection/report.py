@@ -14,6 +14,7 @@ swapped in), so a failure leaves the previous pictures, never half of new ones:
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections import defaultdict
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from ..data import Loader
-from ..tracking import atomic_write_json, read_metrics
+from ..tracking import atomic_write_json, current_umask, read_metrics
 from . import figures
 from .routing import SoftRouting, SparseRouting, capture, moe_layers, rebuild_output, route
 from .summary import LayerSummary, expert_similarity
@@ -91,10 +92,13 @@ def inspect_run(run_dir: Path, *, images: int = 4, checkpoint: str = "last.pt", 
     }
     out = run_dir / "inspect"
     tmp = Path(tempfile.mkdtemp(prefix=".inspect.", dir=run_dir))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; inspect/ is shared like the files in it
     try:
         pictures = [test_image(data, i) for i in range(shown)]
         names = data.class_names
-        captions = [f"#{i} {names[data.test_labels[i]]}\n-> {names[predictions[i]]}" for i in range(shown)]
+        # "#0 5 -> 4" read as a routing; say which is the label and which the model's answer
+        captions = [f"test image {i}: {names[data.test_labels[i]]}\npredicted: {names[predictions[i]]}"
+                    for i in range(shown)]
         arrays: dict[str, np.ndarray] = {"shown_test_images": np.arange(shown)}
         routings = {name: _concat(parts) for name, parts in kept.items()}
         soft = bool(routings) and isinstance(next(iter(routings.values())), SoftRouting)  # its kind, not its name

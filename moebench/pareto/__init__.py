@@ -123,7 +123,7 @@ def _aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None
     write_csv(rows, files["pareto.csv"])
     write_csv(arms, files["pareto_arms.csv"])
     if rows:
-        plot(rows, arms, axes, quality, files["pareto.png"], title=out_dir.resolve().name)
+        plot(rows, arms, axes, quality, files["pareto.png"], title=plot_title(done, arms))
     if show:
         if len(setups) > 1:
             print(f"{len(setups)} setups (runs differ in {', '.join(differing_keys([setup_of(r) for r in done]))}): "
@@ -140,6 +140,10 @@ def _aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None
         elif upcycled:
             print(f"{upcycled} of {len(done)} runs started from another run's checkpoint (init_from); their training "
                   "FLOPs leave that run's out: --include-init-cost counts it")
+        for arm in arms:  # e.g. dense under experts=8,32: one run trained twice, not two seeds
+            if len(arm["runs"]) > arm["seeds"]:
+                print(f"{arm['label']}: {len(arm['runs'])} runs of {arm['seeds']} seed(s) with one config; "
+                      "runs that repeat a seed count once")
         print_tables(arms, axes, quality, skipped)
         print_gaps(comparisons, quality)
     if rows:
@@ -148,10 +152,29 @@ def _aggregate(paths: list[str | Path], out_dir: Path, *, wandb_cfg: dict | None
     return summary
 
 
+def plot_title(runs: list, arms: list[dict]) -> str:
+    """What the picture compares: data, model and schedule (the sweep dir's name is a clock time)."""
+    def values(key: str) -> str:
+        return "/".join(dict.fromkeys(str(run.get(key)) for run in runs if run.get(key) is not None)) or "?"
+
+    seeds = sorted({arm["seeds"] for arm in arms})
+    seed_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    return (f"{values('data.name')}, model {values('model.name')}, {values('train.epochs')} epochs: "
+            f"{len(arms)} arm{'s' if len(arms) != 1 else ''}, {seed_text} seed{'s' if seeds[-1] != 1 else ''} each")
+
+
+def arms_off_frontier(summary: dict) -> int:
+    """Arms on no frontier of any cost axis."""
+    return sum(not any(arm.get(f"frontier_{axis}") for axis in summary["cost_axes"]) for arm in summary["arms"])
+
+
 def print_files(summary: dict) -> None:
     """The result files, as whole paths."""
     runs, arms, skipped = len(summary["runs"]), len(summary["arms"]), len(summary["skipped"])
-    print(f"{runs} runs in {arms} arms, {skipped} not on a frontier ->")
+    # Two counts that the old line ran together ("0 not on a frontier" while two arms were on none):
+    # arms the frontiers leave out, and runs left out of the aggregation altogether.
+    left_out = f"; {skipped} run{'s' if skipped != 1 else ''} left out (not completed or diverged)" if skipped else ""
+    print(f"{runs} runs in {arms} arms, {arms_off_frontier(summary)} of them on no frontier{left_out} ->")
     for path in summary["files"].values():
         print(f"  {path}")
 

@@ -13,6 +13,8 @@ from ..tracking import atomic_write_bytes
 from .humanize import human_mb, si
 from .records import COST_AXES
 
+MIN_SEEDS = 3  # fewer seeds: the arm's mark is hollow (a 2-seed t-interval is +-12.7 std; 1 seed has none)
+
 
 def _tick_formatter(unit: str):
     from matplotlib import ticker
@@ -50,10 +52,13 @@ def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path
     from matplotlib.lines import Line2D
 
     setups = list(dict.fromkeys(arm["setup"] for arm in arms))
+    bars: dict[tuple, tuple] = {}  # (setup, axis, arm) -> the error bar as drawn (percent), for the caller
     ncols = min(3, len(axes))
     per_setup = math.ceil(len(axes) / ncols)
     styles = _arm_styles(arms)
-    legend_rows = math.ceil((len(styles) + 3) / 3)
+    few_seeds = any(arm.get("seeds") is not None and arm["seeds"] < MIN_SEEDS for arm in arms)
+    legend_cols = 3 if ncols > 1 else 1  # one panel is too narrow for 3 columns of entries
+    legend_rows = math.ceil((len(styles) + 3 + few_seeds) / legend_cols)
     fig, grid = plt.subplots(per_setup * len(setups), ncols, squeeze=False,
                              figsize=(4.8 * ncols, 3.7 * per_setup * len(setups) + 0.22 * legend_rows + 0.5))
     quality_name = "test top-1 (%)" if quality == "top1" else "test top-1 at the best val epoch (%)"
@@ -72,10 +77,16 @@ def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path
             own = [arm for arm in arms if arm["setup"] == setup]
             for arm in own:
                 color, marker = styles[arm["label"]]
-                ci = arm[f"{quality}_ci95"]
-                ax.errorbar(arm[f"{axis}_mean"], 100 * arm[f"{quality}_mean"],
-                            yerr=None if ci is None else 100 * ci, fmt=marker, color=color, ms=7, capsize=3,
-                            elinewidth=1.2, markeredgecolor="white", markeredgewidth=0.6, zorder=3)
+                mean, ci = 100 * arm[f"{quality}_mean"], arm[f"{quality}_ci95"]
+                # A t-interval of 2 seeds is +-12.7 standard deviations: drawn whole it ran from -60% to
+                # 110% and flattened every arm into one band. A top-1 lies in [0, 100]: so do its bars.
+                low, high = (None, None) if ci is None else (max(0.0, mean - 100 * ci), min(100.0, mean + 100 * ci))
+                bars[(setup, axis, arm["label"])] = (low, high)
+                few = arm.get("seeds") is not None and arm["seeds"] < MIN_SEEDS
+                ax.errorbar(arm[f"{axis}_mean"], mean, yerr=None if ci is None else [[mean - low], [high - mean]],
+                            fmt=marker, color=color, ms=7, capsize=3, elinewidth=1.2, zorder=3,
+                            markerfacecolor="white" if few else color,  # hollow: too few seeds to trust the bar
+                            markeredgecolor=color if few else "white", markeredgewidth=1.2 if few else 0.6)
             front = sorted((arm[f"{axis}_mean"], 100 * arm[f"{quality}_mean"]) for arm in own
                            if arm[f"frontier_{axis}"])
             if front:
@@ -105,14 +116,17 @@ def plot(rows: list[dict], arms: list[dict], axes: list[str], quality: str, path
         Line2D([], [], color="gray", ls="--", marker="o", ms=11, markerfacecolor="none",
                label="frontier over arm means (ringed)"),
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(f"{title}: quality vs cost")
+    if few_seeds:
+        handles.append(Line2D([], [], color="gray", marker="o", ls="", ms=7, markerfacecolor="white",
+                              label=f"hollow: fewer than {MIN_SEEDS} seeds (interval unreliable or none)"))
+    fig.legend(handles=handles, loc="lower center", ncol=legend_cols, fontsize=8, frameon=False)
+    fig.suptitle(title)
     legend_height = (0.22 * legend_rows + 0.15) / fig.get_figheight()
     fig.tight_layout(rect=(0, legend_height, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110, metadata={"Software": None})  # no version stamp: reruns give the same file
     atomic_write_bytes(path, png.getvalue())
-    drawn = {"legend": [h.get_label() for h in handles], "panels": {}}
+    drawn = {"legend": [h.get_label() for h in handles], "panels": {}, "bars": bars, "title": title}
     for s, setup in enumerate(setups):
         for a, axis in enumerate(axes):
             ax = grid[s * per_setup + a // ncols][a % ncols]

@@ -31,7 +31,7 @@ def print_tables(arms: list[dict], axes: list[str], quality: str, skipped: list[
                           human_percent(arm[f"{quality}_mean"], arm[f"{quality}_ci95"]), *cells)
         console.print(table)
     for run, reason in skipped:  # whole paths: one per line, never wrapped or cut
-        console.print(f"not on a frontier: {run.path} ({reason}{': ' + run.error if run.error else ''})",
+        console.print(f"left out: {run.path} ({reason}{': ' + run.error if run.error else ''})",
                       soft_wrap=True, markup=False, highlight=False)
 
 

@@ -3,10 +3,18 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 
 from .records import COST_AXES
+
+
+def pareto_run_id(run_dir: Path, wandb_cfg: dict) -> str:
+    """The W&B id of the pareto run of ``run_dir``: the same for every `moebench pareto` call on
+    that dir (and project), so a second call updates its run instead of adding another to the group."""
+    key = "|".join([str(Path(run_dir).resolve()), str(wandb_cfg.get("entity")), str(wandb_cfg.get("project"))])
+    return "pareto-" + hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
 def log_wandb(rows: list[dict], arms: list[dict], png: Path, wandb_cfg: dict, run_dir: Path) -> str | None:
@@ -18,6 +26,7 @@ def log_wandb(rows: list[dict], arms: list[dict], png: Path, wandb_cfg: dict, ru
     run = wandb.init(
         project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"), group=wandb_cfg.get("group"),
         name=f"pareto-{wandb_cfg.get('group') or run_dir.name}", job_type="pareto", dir=str(run_dir),
+        id=pareto_run_id(run_dir, wandb_cfg), resume="allow",
         mode=wandb_cfg["mode"], reinit="finish_previous",
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True),
     )

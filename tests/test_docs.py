@@ -1,0 +1,260 @@
+"""The docs stay true: tables agree with their records, links resolve, commands parse, examples run.
+
+The checks read Markdown and configs only (no training), so they run in the default suite.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "experiments"))
+import report_tables  # noqa: E402
+
+SKIP_DIRS = {".venv", ".git", "outputs", "multirun", "wandb", "node_modules", "build", ".pytest_cache", "data"}
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def markdown_files() -> list[Path]:
+    return sorted(p for p in REPO.rglob("*.md")
+                  if not SKIP_DIRS & set(p.relative_to(REPO).parts) and "egg-info" not in str(p))
+
+
+def command_pages() -> list[Path]:
+    """The pages whose commands a user copies: the README, docs/ and the recipes."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+            *sorted((REPO / "experiments" / "recipes").glob("*.md"))]
+
+
+def test_every_result_table_agrees_with_its_committed_records():
+    differing, tables = [], 0
+    for page in report_tables.default_pages():
+        _, found = report_tables.render(page)
+        differing += found
+        tables += page.read_text().count("<!-- table: ")
+    assert tables > 0  # the recipes' tables are generated, so there is something to check
+    assert not differing, "\n".join(differing) + "\n(python experiments/report_tables.py rewrites them)"
+
+
+def test_a_table_edited_by_hand_is_caught(tmp_path):
+    page = tmp_path / "recipes" / "99-test.md"
+    page.parent.mkdir()
+    results = os.path.relpath(REPO / "experiments" / "results" / "cifar10_routers" / "pareto.json", page.parent)
+    page.write_text(f"# t\n\n<!-- table: {results} --reference dense -->\n<!-- /table -->\n")
+    assert report_tables.main([str(page)]) == 0  # written from the records
+    assert report_tables.main(["--check", str(page)]) == 0
+    text = page.read_text()
+    assert "| dense | 3 | 52.19 +- 2.60 |" in text
+    page.write_text(text.replace("52.19 +- 2.60", "52.91 +- 2.60"))  # a typo, or a stale copy
+    assert report_tables.main(["--check", str(page)]) == 1
+    page.write_text(text.replace("<!-- /table -->\n", ""))
+    with pytest.raises(report_tables.TableError, match="without its"):
+        report_tables.render(page)
+
+
+def test_every_relative_link_in_the_markdown_resolves():
+    broken = []
+    for page in markdown_files():
+        in_code = False
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                in_code = not in_code
+            if in_code or line.startswith("    "):
+                continue
+            for match in LINK.finditer(line):
+                target = (match.group(1) or match.group(2)).split("#", 1)[0]
+                if not target or re.match(r"^[a-z][a-z0-9+.-]*:", target):  # an anchor, http:, mailto:
+                    continue
+                if not (page.parent / target).exists():
+                    broken.append(f"{page.relative_to(REPO)}:{number}: {target}")
+    assert not broken, "\n".join(broken)
+
+
+BASH = shutil.which("bash") or "/bin/bash"
+STUB = r"""
+s=0  # recipe 13's lanes take the seed s from the reader (s = 0, 1, 2)
+moebench() { printf '%s\0' "$MOEBENCH_PLUGINS" "$@" >> "$CALLS"; printf '\n' >> "$CALLS"; }
+torchrun() { while [ $# -gt 0 ] && [ "$1" != "-m" ]; do shift; done; shift 2; moebench "$@"; }
+"""
+
+
+def train_commands(page: Path) -> tuple[list[list[str]], list[str]]:
+    """Every `moebench train` call of the page's shell blocks, as bash expands it (variables, loops,
+    quotes), with no program run: the block runs with `moebench` and `torchrun` as recording shell
+    functions and an empty PATH. Returns the calls' arguments and the blocks that named `moebench
+    train` but recorded no call (a block bash could not run)."""
+    blocks, current, fenced = [], [], None
+    for line in page.read_text().splitlines() + [""]:
+        if fenced is not None:
+            if line.startswith("```"):
+                if fenced in ("", "bash", "sh", "shell", "console"):
+                    blocks.append("\n".join(current))
+                current, fenced = [], None
+            else:
+                current.append(line)
+        elif line.startswith("```"):
+            fenced = line[3:].strip()
+        elif line.startswith("    ") or (current and not line.strip()):
+            current.append(line[4:])
+        else:
+            if current:
+                blocks.append("\n".join(current))
+            current = []
+    calls, silent = [], []
+    for block in blocks:
+        if not re.search(r"^(?!moebench:).*\bmoebench train", block, re.M):  # "moebench: ..." lines are output
+            continue
+        script = STUB + block.replace(".venv/bin/moebench", "moebench")
+        with tempfile.TemporaryDirectory() as tmp:
+            record = Path(tmp) / "calls"
+            record.write_text("")
+            subprocess.run([BASH, "-c", script], cwd=tmp, capture_output=True, text=True, timeout=60,
+                           env={"PATH": "/nonexistent", "CALLS": str(record), "HOME": tmp})
+            found = [c.split("\0")[:-1] for c in record.read_text().split("\n") if c]
+        train = [c[2:] for c in found if c[0] == "" and c[1:2] == ["train"]]  # c[0]: MOEBENCH_PLUGINS
+        if not train and not any(c[1:2] == ["train"] for c in found):
+            silent.append(block)
+        calls += train
+    return calls, silent
+
+
+def checkable(args: list[str]) -> bool:
+    """Placeholders a reader fills in (DIR, ...) and run dirs of earlier runs are not this test's."""
+    return not any(a in ("...", "--help", "-h") or a.startswith(("resume=", "hydra.run.dir=")) and "DIR" in a
+                   or a == "[overrides]" for a in args)
+
+
+def first_job(args: list[str]) -> tuple[list[str], list[str]]:
+    """The command with each swept key at its first value, and every group option it names.
+
+    Composing a config takes a Hydra compose (a quarter of a second here); composing every job of
+    every documented sweep took minutes. One job per command checks the syntax, the keys and the
+    types; the other swept values are checked where a typo is likely: group options exist.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from moebench.preflight import GROUPS
+
+    flags, overrides, words = [], [], iter(args)
+    for word in words:
+        if word.startswith("-"):
+            flags.append(word)
+            if word in ("--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "--config-name", "-cn"):
+                flags.append(next(words))  # the flag's value (--cfg job)
+        else:
+            overrides.append(word)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    job, options = [], []
+    for o in parsed:
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else None
+        job.append(f"{key}={values[0]}" if values else o.input_line)
+        if key.lstrip("+~") in GROUPS:
+            options += [f"{key.lstrip('+~')}/{v}" for v in (values or [str(o.value())])]
+    return flags + job, options
+
+
+def test_every_train_command_in_the_readme_docs_and_recipes_parses(monkeypatch, tmp_path):
+    from moebench import preflight, search
+    from moebench.build import conf_dir
+
+    # What the commands need that a clone lacks: the data, and the runs an init_from or resume names.
+    monkeypatch.setattr(preflight, "check_data", lambda cfg, warnings: None)
+    monkeypatch.setattr(preflight, "check_init_from", lambda jobs: None)
+    # Commands share their group choices (experiment=cifar10 variant=...), whose defaults preflight
+    # composes for each: compose each override list once (a Hydra compose is the cost here).
+    composed, compose = {}, preflight.compose_job
+
+    def compose_once(overrides):
+        if tuple(overrides) not in composed:
+            composed[tuple(overrides)] = compose(list(overrides))
+        return composed[tuple(overrides)]
+
+    monkeypatch.setattr(preflight, "compose_job", compose_once)
+    monkeypatch.chdir(tmp_path)
+    checked, failures, silent, seen = 0, [], [], set()
+    for page in command_pages():
+        calls, quiet = train_commands(page)
+        silent += [f"{page.relative_to(REPO)}: {block[:80]!r}" for block in quiet]
+        for args in calls:
+            if not checkable(args) or any(a.startswith("resume=") for a in args):
+                continue
+            try:
+                job, options = first_job(args)
+                missing = [o for o in options if not (Path(conf_dir()) / f"{o}.yaml").is_file()]
+                if missing:
+                    raise AssertionError(f"no such group option: {', '.join(missing)}")
+                # the same command for another seed or sweep dir composes the same: once is enough
+                key = tuple(a for a in job if not a.startswith(("seed=", "data.root=", "hydra.sweep.dir=", "hydra.run.dir=")))
+                if key not in seen:
+                    seen.add(key)
+                    search.prepare_preset(list(job))
+                    preflight.prepare(list(job), conf_dir())
+                checked += 1
+            except Exception as err:  # noqa: BLE001 (the test reports every command that fails)
+                failures.append(f"{page.relative_to(REPO)}: moebench train {shlex.join(args)}\n    {err}")
+    assert not silent, "blocks naming moebench train that bash could not run:\n" + "\n".join(silent)
+    assert not failures, "\n".join(failures)
+    assert checked >= 30, (checked, len(seen))  # the recipes alone hold more: the extraction still finds them
+
+
+def test_the_library_examples_run():
+    text = (REPO / "docs" / "library.md").read_text()
+    blocks = re.findall(r"<!-- example -->\n```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 4  # one per router
+    for block in blocks:
+        exec(compile(block, "docs/library.md", "exec"), {})
+
+
+def test_make_install_can_put_cpu_only_torch_first_and_says_where_the_command_is():
+    run = lambda *a: subprocess.run(["make", "-n", "-B", ".venv/bin/moebench", *a], cwd=REPO,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60).stdout
+    assert "--index-url https://download.pytorch.org/whl/cpu" in run("TORCH_INDEX=https://download.pytorch.org/whl/cpu")
+    plain = run()
+    assert "--index-url" not in plain and ".venv/bin/moebench" in plain and "activate" in plain
+
+
+def test_ci_runs_the_readmes_test_command():
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
+    assert "make test " in readme or "make test\n" in readme
+    assert re.search(r"^make test$", ci, re.M)
+
+
+def test_the_tiny_imagenet_step_makes_the_tree_the_preset_reads(tmp_path):
+    # A snapshot of the release's layout with 2 classes: train/<wnid>/images/*, val/images/* + annotations.
+    sys.path.insert(0, str(REPO / "experiments"))
+    import tinyimagenet
+
+    src = tmp_path / "IMagenet" / "tiny-imagenet-200"
+    for wnid in ("n01", "n02"):
+        (src / "train" / wnid / "images").mkdir(parents=True)
+        (src / "train" / wnid / "images" / f"{wnid}_0.JPEG").write_bytes(b"jpeg " + wnid.encode())
+    (src / "val" / "images").mkdir(parents=True)
+    (src / "val" / "images" / "val_0.JPEG").write_bytes(b"val")
+    (src / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t63\t63\n")
+    (src / "wnids.txt").write_text("n01\nn02\n")
+    (src / "words.txt").write_text("n01\tgoldfish\nn02\ttabby cat\nn03\tunused\n")
+    git = lambda *a: subprocess.run([shutil.which("git") or "git", *a], cwd=src.parent, check=True,  # noqa: E731
+                                    capture_output=True, env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                                                              "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "snapshot")
+    out = tmp_path / "tree"
+    assert tinyimagenet.build(src.parent, out, expected=(2, 1)) == {"train": 2, "test": 1}
+    assert (out / "train" / "n02" / "n02_0.JPEG").read_bytes() == b"jpeg n02"
+    assert (out / "test" / "n02" / "val_0.JPEG").read_bytes() == b"val"  # labelled by the annotations
+    assert (out / "classes.tsv").read_text() == "0\tn01\tgoldfish\n1\tn02\ttabby cat\n"
+    with pytest.raises(SystemExit, match="expected 100000 train"):
+        tinyimagenet.build(src.parent, tmp_path / "other")  # a partial snapshot is refused, nothing renamed
+    assert not (tmp_path / "other").exists()
