@@ -30,7 +30,10 @@ from moebench.tracking import atomic_write_json
 EXACT_AXES = ("gflops_per_image", "params_total", "train_peak_mb", "infer_peak_mb")
 
 
-def pooled_rows(specs: list[str], quality: str) -> list[dict]:
+def pooled_rows(specs: list[str], quality: str, aliases: dict[str, str] | None = None) -> list[dict]:
+    """The runs of ``specs`` as one list; ``aliases`` renames data names that read the same data
+    the same way (e.g. ``cifar10`` given an ImageFolder tree is read by the ``imagefolder`` loader)."""
+    aliases = aliases or {}
     rows: dict[tuple[str, int], dict] = {}
     for spec in specs:
         path, _, labels = spec.partition(":")
@@ -47,7 +50,8 @@ def pooled_rows(specs: list[str], quality: str) -> list[dict]:
             if seen is not None and seen[quality] != row[quality]:
                 sys.exit(f"pool_frontier: {key[0]} seed {key[1]} is {seen[quality]} in one file and {row[quality]} "
                          f"in {path}: not the same run")
-            rows[key] = {**row, "run": f"{Path(path).parent.name}/{row['run']}"}
+            rows[key] = {**row, "run": f"{Path(path).parent.name}/{row['run']}",
+                         "data": aliases.get(row.get("data"), row.get("data"))}
     pooled = list(rows.values())
     for key in ("model", "data", "setup"):
         values = {json.dumps(row.get(key), sort_keys=True) for row in pooled}
@@ -62,14 +66,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--title", required=True, help="the plot's title: data and setup")
     parser.add_argument("--quality", default="top1")
+    parser.add_argument("--same-data", action="append", default=[], metavar="A=B",
+                        help="data name A is read exactly as B (say why in the recipe); may repeat")
     args = parser.parse_args(argv)
-    rows = pooled_rows(args.files, args.quality)
+    aliases = dict(pair.split("=", 1) for pair in args.same_data)
+    rows = pooled_rows(args.files, args.quality, aliases)
     axes = [axis for axis in EXACT_AXES if all(row.get(axis) is not None for row in rows)]
     frontier_flags(rows, axes, args.quality)
     for router in dict.fromkeys(row["router"] for row in rows):
         frontier_flags([row for row in rows if row["router"] == router], axes, args.quality, prefix="router_frontier_")
     arms = arm_rows(rows, axes, args.quality)
-    summary = {"quality": args.quality, "cost_axes": axes, "pooled_from": args.files,
+    summary = {"quality": args.quality, "cost_axes": axes, "pooled_from": args.files, "same_data": aliases,
                "setups": [{"name": rows[0]["setup"], "runs": len(rows)}], "arms": arms,
                "comparisons": compare_arms(rows, arms, args.quality), "runs": rows, "skipped": []}
     args.out.mkdir(parents=True, exist_ok=True)

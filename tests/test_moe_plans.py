@@ -221,3 +221,17 @@ def test_bad_assignments_are_refused():
         ExpertsChoiceMoE(8, 16, 4, assignment="sinkhorn", plan_iterations=0)
     with pytest.raises(ValueError, match="iterations"):
         sinkhorn_plan(torch.zeros(1, 2, 2), 0)
+
+
+def test_null_options_are_the_defaults():
+    """A config's null (the keys came after runs that lack them) builds the softmax router, bit for bit."""
+    x = torch.randn(2, 5, 8)
+    nulls = {"assignment": None, "plan_iterations": None}
+    for make, extra in ((lambda **kw: TokensChoiceMoE(8, 16, 4, group_size=2, **kw), {}),
+                        (lambda **kw: ExpertsChoiceMoE(8, 16, 4, group_size=2, **kw), {"plan_lr": None})):
+        torch.manual_seed(1)
+        default = make().eval()
+        torch.manual_seed(1)
+        null = make(**nulls, **extra).eval()
+        assert null.assignment == "softmax" and null.plan_iterations == 20
+        assert torch.equal(null(x), default(x))

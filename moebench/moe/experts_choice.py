@@ -49,10 +49,14 @@ class ExpertsChoiceMoE(SparseMoE):
         noise_std: float = 0.0,
         capacity_rounding: Rounding = "round",
         identical_init: bool = False,
-        assignment: str = "softmax",
-        plan_iterations: int = 20,
-        plan_lr: float = 0.01,
+        assignment: str | None = "softmax",
+        plan_iterations: int | None = 20,
+        plan_lr: float | None = 0.01,
     ):
+        # None (a config's null: the keys came later, and runs made before them pool with null ones) is the default
+        assignment = "softmax" if assignment is None else assignment
+        plan_iterations = 20 if plan_iterations is None else plan_iterations
+        plan_lr = 0.01 if plan_lr is None else plan_lr
         super().__init__(
             dim, hidden_dim, num_experts, capacity_factor, group_size=group_size, noise_std=noise_std,
             capacity_rounding=capacity_rounding, identical_init=identical_init,
@@ -147,8 +151,8 @@ class ExpertsChoiceMoE(SparseMoE):
 register(Router(
     name="experts_choice",
     build=lambda dim, hidden_dim, num_tokens, options: ExpertsChoiceMoE(dim, hidden_dim, **options),
-    options={**GROUPED_OPTIONS, "assignment": Choice("softmax", "sinkhorn", "sparse_ot"), "plan_iterations": Int(1),
-             "plan_lr": Positive()},
+    options={**GROUPED_OPTIONS, "assignment": Choice("softmax", "sinkhorn", "sparse_ot", nullable=True),
+             "plan_iterations": Int(1, nullable=True), "plan_lr": Positive(nullable=True)},
     label=lambda get: [f"E{get('num_experts')}", f"C{get('capacity_factor')}"] + plan_label(get),
     marker="^", order=2,
     # The bench's own experts_choice/E= rows time the softmax twin (same groups and capacity): the gap is the plan's cost.

@@ -73,9 +73,12 @@ class TokensChoiceMoE(SparseMoE):
         switch_weight: float = 0.0,
         z_loss_weight: float = 0.0,
         identical_init: bool = False,
-        assignment: str = "softmax",
-        plan_iterations: int = 20,
+        assignment: str | None = "softmax",
+        plan_iterations: int | None = 20,
     ):
+        # None (a config's null: the keys came later, and runs made before them pool with null ones) is the default
+        assignment = "softmax" if assignment is None else assignment
+        plan_iterations = 20 if plan_iterations is None else plan_iterations
         super().__init__(
             dim, hidden_dim, num_experts, capacity_factor, group_size=group_size, noise_std=noise_std,
             capacity_rounding=capacity_rounding, identical_init=identical_init,
@@ -243,8 +246,8 @@ register(Router(
     name="tokens_choice",
     build=lambda dim, hidden_dim, num_tokens, options: TokensChoiceMoE(dim, hidden_dim, **options),
     options={**GROUPED_OPTIONS, "k": Int(1), "bpr": BOOL, "importance_weight": Float(0), "load_weight": Float(0),
-             "switch_weight": Float(0), "z_loss_weight": Float(0), "assignment": Choice("softmax", "sinkhorn"),
-             "plan_iterations": Int(1)},
+             "switch_weight": Float(0), "z_loss_weight": Float(0), "assignment": Choice("softmax", "sinkhorn", nullable=True),
+             "plan_iterations": Int(1, nullable=True)},
     label=_label, check=_check, marker="s", order=1,
     # The bench's own tokens_choice/E= rows time the softmax twin (same k, capacity, no noise): the gap is the plan's cost.
     bench=lambda experts, tokens: {f"tokens_choice_sinkhorn/E={experts}": lambda d, h: TokensChoiceMoE(
