@@ -73,6 +73,24 @@ def groups_of(batch: int, group_size: int) -> list[range]:
     return [range(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
+def serve(layer, x, members, choices, order, cap, gates, out, dropped) -> None:
+    """Fill the experts rank by rank (every first choice before any second), tokens in ``order``;
+    a choice whose expert holds ``cap`` tokens is dropped; add each kept choice's gated output."""
+    fill = [0] * layer.num_experts
+    kept = {bt: [] for bt in members}
+    for rank in range(layer.k):
+        for bt in order:
+            e = choices[bt][rank]
+            if fill[e] < cap:
+                fill[e] += 1
+                kept[bt].append(e)
+            else:
+                dropped.add((bt[0], bt[1], e))
+    for bt in members:
+        for e in kept[bt]:
+            out[bt] = out[bt] + gates[bt][e] * expert(layer.experts, e, x[bt])
+
+
 def tokens_choice(layer, x: torch.Tensor):
     """Tokens Choice in eval mode. Returns (output, dropped choices as a set of
     (example, token, expert))."""
@@ -88,19 +106,7 @@ def tokens_choice(layer, x: torch.Tensor):
             order = sorted(members, key=lambda bt: -gates[bt].max().item())
         else:
             order = members
-        fill = [0] * layer.num_experts
-        kept = {bt: [] for bt in members}
-        for rank in range(layer.k):
-            for bt in order:
-                e = choices[bt][rank]
-                if fill[e] < cap:
-                    fill[e] += 1
-                    kept[bt].append(e)
-                else:
-                    dropped.add((bt[0], bt[1], e))
-        for bt in members:
-            for e in kept[bt]:
-                out[bt] = out[bt] + gates[bt][e] * expert(layer.experts, e, x[bt])
+        serve(layer, x, members, choices, order, cap, gates, out, dropped)
     return out, dropped
 
 
@@ -204,19 +210,7 @@ def sinkhorn_tokens_choice(layer, x: torch.Tensor):
                    for i, bt in enumerate(members)}
         top = {bt: max(plan[i]) for i, bt in enumerate(members)}
         order = sorted(members, key=lambda bt: -top[bt]) if layer.bpr else members
-        fill = [0] * layer.num_experts
-        kept = {bt: [] for bt in members}
-        for rank in range(layer.k):
-            for bt in order:
-                e = choices[bt][rank]
-                if fill[e] < cap:
-                    fill[e] += 1
-                    kept[bt].append(e)
-                else:
-                    dropped.add((bt[0], bt[1], e))
-        for bt in members:
-            for e in kept[bt]:
-                out[bt] = out[bt] + gates[bt][e] * expert(layer.experts, e, x[bt])
+        serve(layer, x, members, choices, order, cap, gates, out, dropped)
     return out, dropped
 
 
