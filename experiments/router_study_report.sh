@@ -53,7 +53,7 @@ import json, sys
 from pathlib import Path
 study, res = sys.argv[1:]
 committed = {"cifar10": ["cifar10_routers"], "tinyimagenet": ["tinyimagenet_routers2"]}
-lines = ["| dataset | arm | seed | committed top-1 % | re-run at this commit % | difference (points) |", "|---|---|---|---|---|---|"]
+lines = ["| dataset | arm | seed | committed top-1 % | re-run % | difference (points) |", "|---|---|---|---|---|---|"]
 for d, files in committed.items():
     old = {(r["label"], r["seed"]): r["top1"] for f in files for r in json.load(open(f"{res}/{f}/pareto.json"))["runs"]}
     rerun = Path(f"{study}/{d}_rerun/pareto.json")
