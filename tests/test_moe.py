@@ -266,7 +266,12 @@ def test_experts_choice_matches_reference(batch, factor, rounding):
     layer.track_routing = True
     x = torch.randn(batch, 5, 6) * 2
     assert_matches_reference(layer, x, lambda layer, x: ref.experts_choice(layer, x)[0])
-    _, picks = ref.experts_choice(layer, x)
+    assert_coverage_matches_reference(layer, x, ref.experts_choice)
+
+
+def assert_coverage_matches_reference(layer, x, reference_fn):
+    """The layer's coverage metrics (tokens picked by no expert, by 2+) equal the reference's picks."""
+    _, picks = reference_fn(layer, x)
     layer(x)
     counts = torch.tensor(list(picks.values()))
     assert layer.metrics["tokens_0_experts"].item() == pytest.approx((counts == 0).double().mean().item())
