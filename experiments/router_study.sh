@@ -3,6 +3,7 @@
 #
 #   experiments/router_study.sh CIFAR10_ROOT TINYIMAGENET_ROOT [LANES]
 #
+# A root given as - skips that dataset (e.g. `- /data/tiny-imagenet-200` runs Tiny-ImageNet only).
 # Runs every sweep below in LANES (default 2) parallel lanes of one thread each, taking sweeps
 # from a shared queue, so the 2 cores stay busy until the last run. Every sweep writes run by
 # run into its own dir under multirun/router_study/; re-running this script resumes whatever
@@ -11,8 +12,8 @@
 # CIFAR-10 20-30 minutes per run, 11 runs in about 2.5 hours; Tiny-ImageNet about twice that per
 # run (estimate). Then:  experiments/router_study_report.sh
 set -euo pipefail
-cifar=${1:?CIFAR-10 root (an ImageFolder tree or torchvision files)}
-tiny=${2:?Tiny-ImageNet-200 root (made by tinyimagenet.sh)}
+cifar=${1:?CIFAR-10 root (an ImageFolder tree or torchvision files), or - to skip it}
+tiny=${2:?Tiny-ImageNet-200 root (made by tinyimagenet.sh), or - to skip it}
 lanes=${3:-2}
 moebench=${MOEBENCH:-moebench}
 out=multirun/router_study
@@ -22,6 +23,7 @@ mkdir -p "$out"
 queue=()
 for data in "cifar10 experiment=cifar10 data.root=$cifar" "tinyimagenet experiment=tinyimagenet data.root=$tiny"; do
   read -r name overrides <<< "$data"
+  [ "${overrides##*=}" = - ] && continue
   for s in 0 1 2; do
     for v in tc_e32_k1_sinkhorn ec_e32_sinkhorn ec_e32_sparse_ot; do queue+=("$name $s variant=$v $overrides"); done
   done
