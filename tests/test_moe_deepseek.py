@@ -451,3 +451,24 @@ def test_labels_name_only_the_pieces_that_are_on():
     on = {**defaults, "gate": "sigmoid", "routed_scaling": 2.5, "bias_rate": 0.001, "granularity": 4,
           "shared_experts": 1}
     assert label(on.get) == ["E32", "k1", "C1.0", "sigmoid", "scale2.5", "bias0.001", "m4", "shared1"]
+
+
+def test_inspection_rebuilds_the_output_with_shared_experts_and_the_bias():
+    """`moebench inspect` checks its picture against the layer: the routing plus the shared experts
+    rebuild the output exactly; without the shared experts' part they would not."""
+    from moebench.inspection.routing import rebuild_output, route
+    from moebench.inspection.summary import LayerSummary
+
+    layer = TokensChoiceMoE(8, 16, 4, k=1, group_size=2, capacity_factor=1.0, gate="sigmoid", bias_rate=0.001,
+                            load_weight=0.0, granularity=4, shared_experts=1, routed_scaling=2.0).float().eval()
+    with torch.no_grad():
+        layer.selection_bias.copy_(torch.randn(16, dtype=torch.float32) * 0.2)
+    x = torch.randn(5, 16, 8, dtype=torch.float32)
+    with torch.no_grad():
+        y = layer(x)
+    routing = route(layer, x)
+    torch.testing.assert_close(rebuild_output(layer, x, routing), y, atol=1e-5, rtol=1e-4)
+    assert bool((routing.requested.sum(-1) == layer.k).all()) and layer.k == 3
+    summary = LayerSummary("tokens_choice", layer.num_experts, x.shape[1])
+    summary.add(routing)
+    assert sum(summary.result()["load_share"]) == pytest.approx(1.0)
