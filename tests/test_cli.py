@@ -172,7 +172,7 @@ REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
     (["router=tokens_choice", "router.shared_experts=1"], "router.shared_experts=1 must be in [0, k * granularity = "
      "1): the shared experts (width hidden/granularity each) take that many of a token's 1 expert choices, and at "
      "least one must stay routed"),
-    (["router=tokens_choice", "router.bias_rate=-0.001"], "router.bias_rate must be a finite number >= 0, got -0.001"),
+    (["router=tokens_choice", "router.bias_rate=-0.001"], "router.bias_rate must be a finite number >= 0 or null, got -0.001"),
     (["router=tokens_choice", "router.gate=sigmoid", "router.assignment=sinkhorn"], "router.gate=sigmoid and "
      "router.assignment=sinkhorn do not combine: Sinkhorn Tokens Choice weights its pairs by the softmax (Liu et al. "
      "2024)"),

@@ -76,13 +76,17 @@ def test_the_default_options_are_the_v_moe_router():
     torch.manual_seed(1)
     spelled = TokensChoiceMoE(6, 8, 4, k=2, group_size=2, gate="softmax", routed_scaling=1.0, bias_rate=0.0,
                               shared_experts=0, granularity=1)
-    assert plain.state_dict().keys() == spelled.state_dict().keys()
+    torch.manual_seed(1)
+    nulls = TokensChoiceMoE(6, 8, 4, k=2, group_size=2, gate=None, routed_scaling=None, bias_rate=None,
+                            shared_experts=None, granularity=None)  # the config's nulls: off
+    assert plain.state_dict().keys() == spelled.state_dict().keys() == nulls.state_dict().keys()
     assert "selection_bias" not in plain.state_dict() and plain.shared is None
     x = torch.randn(4, 5, 6)
     torch.manual_seed(2)
     a = plain.train()(x)
-    torch.manual_seed(2)
-    assert torch.equal(a, spelled.train()(x))
+    for twin in (spelled, nulls):
+        torch.manual_seed(2)
+        assert torch.equal(a, twin.train()(x))
 
 
 # ----------------------------------------------------------------------------- sigmoid gates by hand
@@ -445,6 +449,9 @@ def test_labels_name_only_the_pieces_that_are_on():
     label = registry.get("tokens_choice").label
     base = {"num_experts": 32, "k": 1, "capacity_factor": 1.0, "bpr": True}
     assert label(base.get) == ["E32", "k1", "C1.0"]  # an old run without the new keys
+    nulls = {**base, "gate": None, "routed_scaling": None, "bias_rate": None, "granularity": None,
+             "shared_experts": None, "assignment": "softmax"}  # conf/'s defaults
+    assert label(nulls.get) == ["E32", "k1", "C1.0"]
     defaults = {**base, "gate": "softmax", "routed_scaling": 1.0, "bias_rate": 0.0, "granularity": 1,
                 "shared_experts": 0, "assignment": "softmax"}
     assert label(defaults.get) == ["E32", "k1", "C1.0"]
@@ -472,3 +479,23 @@ def test_inspection_rebuilds_the_output_with_shared_experts_and_the_bias():
     summary = LayerSummary("tokens_choice", layer.num_experts, x.shape[1])
     summary.add(routing)
     assert sum(summary.result()["load_share"]) == pytest.approx(1.0)
+
+
+def test_runs_made_before_the_new_keys_resume_and_pool_with_default_runs():
+    """The new keys default to null (off), so a run whose config predates them is the same experiment:
+    its checkpoint resumes under today's config, and pareto puts it in the same arm."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from moebench.checkpoint import check_resume_config
+    from moebench.pareto.arms import arm_of
+    from moebench.pareto.records import Run
+
+    cfg = compose_cfg("experiment=smoke", "router=tokens_choice")
+    today = OmegaConf.to_container(cfg, resolve=True)
+    before = copy.deepcopy(today)
+    for key in ("gate", "routed_scaling", "bias_rate", "shared_experts", "granularity"):
+        assert today["router"][key] is None
+        del before["router"][key]
+    check_resume_config(before, cfg, "last.pt")  # no refusal
+    assert arm_of(Run(None, "completed", before)) == arm_of(Run(None, "completed", today))

@@ -119,11 +119,11 @@ def test_the_schema_accepts_every_shipped_preset(router, extra):
     (["model.moe.layers=[1,x]"], "model.moe.layers must be a list of ints"),
     (["wandb.mode=on"], "wandb.mode must be offline, online or disabled, got 'on'"),
     (["train.checkpoint_every_steps=0"], "train.checkpoint_every_steps must be an int >= 1 or null, got 0"),
-    (["router=tokens_choice", "router.bias_rate=-0.001"], "router.bias_rate must be a finite number >= 0, got -0.001"),
-    (["router=tokens_choice", "router.gate=relu"], "router.gate must be softmax or sigmoid, got 'relu'"),
-    (["router=tokens_choice", "router.granularity=0"], "router.granularity must be an int >= 1, got 0"),
-    (["router=tokens_choice", "router.shared_experts=-1"], "router.shared_experts must be an int >= 0, got -1"),
-    (["router=tokens_choice", "router.routed_scaling=0"], "router.routed_scaling must be a finite number > 0, got 0"),
+    (["router=tokens_choice", "router.bias_rate=-0.001"], "router.bias_rate must be a finite number >= 0 or null, got -0.001"),
+    (["router=tokens_choice", "router.gate=relu"], "router.gate must be softmax, sigmoid or null, got 'relu'"),
+    (["router=tokens_choice", "router.granularity=0"], "router.granularity must be an int >= 1 or null, got 0"),
+    (["router=tokens_choice", "router.shared_experts=-1"], "router.shared_experts must be an int >= 0 or null, got -1"),
+    (["router=tokens_choice", "router.routed_scaling=0"], "router.routed_scaling must be a finite number > 0 or null, got 0"),
 ])
 def test_the_schema_names_the_key_and_what_is_allowed(overrides, message):
     from moebench import schema

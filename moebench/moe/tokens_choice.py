@@ -108,12 +108,18 @@ class TokensChoiceMoE(SparseMoE):
         identical_init: bool = False,
         assignment: str = "softmax",
         plan_iterations: int = 20,
-        gate: str = "softmax",
-        routed_scaling: float = 1.0,
-        bias_rate: float = 0.0,
-        shared_experts: int = 0,
-        granularity: int = 1,
+        gate: str | None = "softmax",
+        routed_scaling: float | None = 1.0,
+        bias_rate: float | None = 0.0,
+        shared_experts: int | None = 0,
+        granularity: int | None = 1,
     ):
+        # None (a config's null) is the option's default: off
+        gate = "softmax" if gate is None else gate
+        routed_scaling = 1.0 if routed_scaling is None else routed_scaling
+        bias_rate = 0.0 if bias_rate is None else bias_rate
+        shared_experts = 0 if shared_experts is None else shared_experts
+        granularity = 1 if granularity is None else granularity
         problem = options_problem(dict(
             num_experts=num_experts, k=k, assignment=assignment, gate=gate, routed_scaling=routed_scaling,
             bias_rate=bias_rate, shared_experts=shared_experts, granularity=granularity, load_weight=load_weight,
@@ -416,8 +422,11 @@ register(Router(
     build=lambda dim, hidden_dim, num_tokens, options: TokensChoiceMoE(dim, hidden_dim, **options),
     options={**GROUPED_OPTIONS, "k": Int(1), "bpr": BOOL, "importance_weight": Float(0), "load_weight": Float(0),
              "switch_weight": Float(0), "z_loss_weight": Float(0), "assignment": Choice("softmax", "sinkhorn"),
-             "plan_iterations": Int(1), "gate": Choice("softmax", "sigmoid"), "routed_scaling": Positive(),
-             "bias_rate": Float(0), "shared_experts": Int(0), "granularity": Int(1)},
+             "plan_iterations": Int(1),
+             # DeepSeek's pieces: null is off (the keys came later; runs made before them pool with null ones)
+             "gate": Choice("softmax", "sigmoid", nullable=True), "routed_scaling": Positive(nullable=True),
+             "bias_rate": Float(0, nullable=True), "shared_experts": Int(0, nullable=True),
+             "granularity": Int(1, nullable=True)},
     label=_label, check=_check, check_sizes=_check_sizes, marker="s", order=1,
     # The bench's own tokens_choice/E= rows time the softmax twin (same k, capacity, no noise): the gap is the plan's cost.
     bench=lambda experts, tokens: {f"tokens_choice_sinkhorn/E={experts}": lambda d, h: TokensChoiceMoE(
