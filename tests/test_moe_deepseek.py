@@ -499,3 +499,32 @@ def test_runs_made_before_the_new_keys_resume_and_pool_with_default_runs():
         del before["router"][key]
     check_resume_config(before, cfg, "last.pt")  # no refusal
     assert arm_of(Run(None, "completed", before)) == arm_of(Run(None, "completed", today))
+
+
+def test_upcycling_refuses_split_experts_and_leaves_shared_experts_and_the_bias_fresh():
+    """A dense MLP cannot be copied into experts of width mlp_dim/m (one line naming the key); at
+    granularity 1 the routed experts are copies and the shared experts, like the gate and the bias, start fresh."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from moebench import upcycle
+    from moebench.build import build_model
+    from moebench.errors import CheckpointError
+
+    def config(*overrides):
+        return OmegaConf.to_container(compose_cfg("experiment=smoke", *overrides), resolve=True)
+
+    dense = config("router=dense")
+    with pytest.raises(CheckpointError) as err:
+        upcycle.check_source(dense, config("variant=tc_deepseek_e32"), "dense/last.pt")
+    assert "router.granularity=4" in str(err.value) and "\n" not in str(err.value)
+    overrides = ("router=tokens_choice", "k=2", "router.shared_experts=1", "router.bias_rate=0.001",
+                 "router.load_weight=0", "router.gate=sigmoid")
+    upcycle.check_source(dense, config(*overrides), "dense/last.pt")
+    torch.manual_seed(0)
+    source = build_model(compose_cfg("experiment=smoke", "router=dense"), 3, 10).state_dict()
+    model = build_model(compose_cfg("experiment=smoke", *overrides), 3, 10)
+    done = upcycle.upcycle_(model, source, "dense/last.pt")
+    assert set(done["fresh"]) == {"blocks.1.mlp.gate.weight", "blocks.1.mlp.selection_bias",
+                                  *(f"blocks.1.mlp.shared.fc{i}.{p}" for i in (1, 2) for p in ("weight", "bias"))}
+    torch.testing.assert_close(model.blocks[1].mlp.experts.w1[1], source["blocks.1.mlp.fc1.weight"].t())
