@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..schema import BOOL, Choice, Float, Int, Positive
@@ -428,7 +430,12 @@ register(Router(
              "bias_rate": Float(0, nullable=True), "shared_experts": Int(0, nullable=True),
              "granularity": Int(1, nullable=True)},
     label=_label, check=_check, check_sizes=_check_sizes, marker="s", order=1,
-    # The bench's own tokens_choice/E= rows time the softmax twin (same k, capacity, no noise): the gap is the plan's cost.
-    bench=lambda experts, tokens: {f"tokens_choice_sinkhorn/E={experts}": lambda d, h: TokensChoiceMoE(
-        d, h, experts, k=1, capacity_factor=1.0, noise_std=0.0, assignment="sinkhorn")},
+    # The bench's own tokens_choice/E= rows time the softmax twin (same k, capacity, no noise): the gap is the plan's
+    # cost, or that of DeepSeek's pieces (variant tc_deepseek_e32's router: split 4 ways when the width allows).
+    bench=lambda experts, tokens: {
+        f"tokens_choice_sinkhorn/E={experts}": lambda d, h: TokensChoiceMoE(
+            d, h, experts, k=1, capacity_factor=1.0, noise_std=0.0, assignment="sinkhorn"),
+        f"tokens_choice_deepseek/E={experts}": lambda d, h: TokensChoiceMoE(
+            d, h, experts, k=1, capacity_factor=1.0, noise_std=0.0, gate="sigmoid", bias_rate=0.001, load_weight=0.0,
+            importance_weight=0.0, granularity=math.gcd(h, 4), shared_experts=1 if h % 2 == 0 else 0)},
 ))
