@@ -528,3 +528,17 @@ def test_upcycling_refuses_split_experts_and_leaves_shared_experts_and_the_bias_
     assert set(done["fresh"]) == {"blocks.1.mlp.gate.weight", "blocks.1.mlp.selection_bias",
                                   *(f"blocks.1.mlp.shared.fc{i}.{p}" for i in (1, 2) for p in ("weight", "bias"))}
     torch.testing.assert_close(model.blocks[1].mlp.experts.w1[1], source["blocks.1.mlp.fc1.weight"].t())
+
+
+def test_the_bias_stays_float32_in_a_bf16_model():
+    """model.to(bf16): the bias keeps float32, so 0.001 steps still add up past |b| = 0.25 (in bf16 they would
+    round away), and the layer still routes (in float32, as every router)."""
+    layer = biased_layer(rate=0.001).float()
+    with torch.no_grad():
+        layer.selection_bias.fill_(0.5)
+    layer.to(torch.bfloat16)
+    assert layer.selection_bias.dtype == torch.float32 and layer.experts.w1.dtype == torch.bfloat16
+    layer.train()(tokens_for([0, 0, 1]).to(torch.bfloat16))
+    update_balancing_bias(layer)
+    assert layer.selection_bias.tolist() == torch.tensor([0.499, 0.499, 0.501, 0.501], dtype=torch.float32).tolist()
+    assert layer.double().selection_bias.dtype == torch.float64  # wider is kept (the float64 references)

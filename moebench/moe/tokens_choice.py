@@ -328,6 +328,17 @@ class TokensChoiceMoE(SparseMoE):
             y = y + self.shared(x)
         return y
 
+    def _apply(self, fn, recurse: bool = True):
+        """``to``/``cuda``/``half``...: the bias follows the device but stays float32 (or wider) in a bf16 or fp16
+        model, where steps of bias_rate (0.001) would round away once |b| passes ~0.25 (it is routing state:
+        the router computes in float32 anyway)."""
+        bias = self._buffers.get("selection_bias")
+        out = super()._apply(fn, recurse)
+        moved = self._buffers.get("selection_bias")
+        if bias is not None and moved is not None and moved.dtype not in (torch.float32, torch.float64):
+            self._buffers["selection_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        return out
+
     @torch.no_grad()
     def take_load(self) -> torch.Tensor:
         """The choices per expert counted since the last call (zeros if none), and start a new count."""
