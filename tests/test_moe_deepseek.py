@@ -542,3 +542,24 @@ def test_the_bias_stays_float32_in_a_bf16_model():
     update_balancing_bias(layer)
     assert layer.selection_bias.tolist() == torch.tensor([0.499, 0.499, 0.501, 0.501], dtype=torch.float32).tolist()
     assert layer.double().selection_bias.dtype == torch.float64  # wider is kept (the float64 references)
+
+
+@pytest.mark.slow  # 30 s of dynamo tracing on 2 busy cores
+def test_torch_compile_counts_the_load_as_eager_does():
+    """Under torch.compile (dynamo; the eager backend, so no C++ build) a training forward still adds its
+    load to the layer's count, and the bias moves as without compile."""
+    torch.manual_seed(0)
+    options = dict(k=1, group_size=2, gate="sigmoid", bias_rate=0.01, load_weight=0.0, granularity=2,
+                   shared_experts=1, noise_std=0.0)
+    layer, plain = TokensChoiceMoE(8, 16, 4, **options), TokensChoiceMoE(8, 16, 4, **options)
+    plain.load_state_dict(layer.state_dict())
+    track_routing(layer, "train")
+    compiled = torch.compile(layer, backend="eager")
+    for _ in range(3):
+        x = torch.randn(4, 6, 8)
+        torch.testing.assert_close(compiled(x), plain(x))
+        assert torch.equal(layer._load_counts, plain._load_counts)
+        update_balancing_bias(layer)
+        update_balancing_bias(plain)
+    assert torch.equal(layer.selection_bias, plain.selection_bias) and layer.selection_bias.abs().sum() > 0
+    assert layer.metrics["bias_spread"].item() > 0
