@@ -48,6 +48,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.heads={m.heads}")
     if own_vit and m.pool not in ("gap", "cls"):
         raise ConfigError(f"model.pool={m.pool!r}; allowed: gap, cls")
+    problem = router.check_sizes(router_options(cfg), m.dim, m.mlp_dim) if own_vit else None
+    if problem:  # (model=timm: the sizes are the timm model's; its layer's constructor checks them)
+        raise ConfigError(problem)
     try:
         moe_blocks(cfg)
     except ValueError as err:
@@ -135,12 +138,14 @@ def load_cfg_data(cfg: DictConfig):
 
 
 def router_parameter_names(model: torch.nn.Module) -> set[str]:
-    """Every parameter of an MoE layer outside its experts: Soft MoE's phi and
+    """Every parameter of an MoE layer outside its experts (routed and shared): Soft MoE's phi and
     scale, the Tokens/Experts Choice gate."""
     names = set()
     for module_name, module in model.named_modules():
         if isinstance(module, MoELayer) and hasattr(module, "experts"):
             expert_ids = {id(p) for p in module.experts.parameters()}
+            shared = getattr(module, "shared", None)  # Tokens Choice's shared experts: experts, not router
+            expert_ids |= {id(p) for p in shared.parameters()} if isinstance(shared, torch.nn.Module) else set()
             names.update(f"{module_name}.{name}" for name, p in module.named_parameters()
                          if id(p) not in expert_ids)
     return names

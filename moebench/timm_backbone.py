@@ -100,6 +100,7 @@ class Layout:
     patch_size: int
     prefix_tokens: int  # class and register tokens, before the patches
     num_tokens: int  # the sequence the blocks (and routers) see
+    mlp_hidden: int = 0  # the hidden width of the first block's MLP (what an expert's width becomes)
 
 
 def _layout(model: nn.Module, name: str) -> Layout:
@@ -112,7 +113,7 @@ def _layout(model: nn.Module, name: str) -> Layout:
     dim = int(getattr(model, "embed_dim", None) or model.num_features)
     patch = embed.patch_size[0] if isinstance(embed.patch_size, (tuple, list)) else int(embed.patch_size)
     return Layout(depth=len(blocks), dim=dim, patch_size=int(patch), prefix_tokens=prefix,
-                  num_tokens=prefix + int(embed.num_patches))
+                  num_tokens=prefix + int(embed.num_patches), mlp_hidden=_hidden_width(blocks[0].mlp, dim))
 
 
 @functools.lru_cache(maxsize=32)
@@ -166,6 +167,12 @@ def validate(cfg) -> None:
     if d.image_size % lay.patch_size:
         raise ConfigError(f"data.image_size={d.image_size} is not divisible by the patch size {lay.patch_size} "
                           f"of {m.name}; set data.image_size or model.patch_size")
+    router = registry.get(cfg.router.name)
+    if router.routed:  # the router's rules on the expert width (router.granularity dividing it...)
+        options = {key: value for key, value in cfg.router.items() if key not in ("name", "lr_mult")}
+        problem = router.check_sizes(options, lay.dim, lay.mlp_hidden)
+        if problem:
+            raise ConfigError(problem.replace("model.mlp_dim=", f"the MLP width of {m.name}: "))
     weights = m.get("pretrained_file")
     resumed = bool(cfg.get("resume"))  # a resumed run's weights are in its checkpoint
     if m.get("pretrained") and weights and not resumed and not os.path.isfile(os.path.expanduser(weights)):

@@ -88,6 +88,10 @@ def check_source(source_config: dict, config: dict, path: Path) -> None:
         if old != new:
             raise CheckpointError(f"init_from: {path} has {key}={old}, this run {key}={new}; upcycling needs "
                                   f"the same backbone ({', '.join(BACKBONE_KEYS)})")
+    granularity = _get(config, "router.granularity")
+    if granularity not in (None, 1):
+        raise CheckpointError(f"init_from: router.granularity={granularity} makes experts model.mlp_dim/{granularity} "
+                              "wide, so they cannot be copies of the dense MLP; upcycle with router.granularity=null")
     old_mult, new_mult = _get(source_config, "router.mlp_mult") or 1, _get(config, "router.mlp_mult") or 1
     if not routes(_get(config, "router.name")):
         if old_mult != new_mult:

@@ -91,22 +91,54 @@ def serve(layer, x, members, choices, order, cap, gates, out, dropped) -> None:
             out[bt] = out[bt] + gates[bt][e] * expert(layer.experts, e, x[bt])
 
 
+def shared_experts(layer, token: torch.Tensor) -> torch.Tensor:
+    """The K_s shared experts of a Tokens Choice layer on one token (d,), one expert at a time: expert j
+    is the j-th block of hidden_dim units of the shared MLP; the MLP's one output bias is the sum of the
+    experts' output biases, added once."""
+    shared = layer.shared
+    h = shared.hidden_dim
+    out = shared.fc2.bias.clone()
+    for j in range(shared.count):
+        units = slice(j * h, (j + 1) * h)
+        hidden = F.gelu(shared.fc1.weight[units] @ token + shared.fc1.bias[units])
+        out = out + shared.fc2.weight[:, units] @ hidden
+    return out
+
+
 def tokens_choice(layer, x: torch.Tensor):
     """Tokens Choice in eval mode. Returns (output, dropped choices as a set of
-    (example, token, expert))."""
+    (example, token, expert)).
+
+    With DeepSeek-V3's pieces (``gate``, ``routed_scaling``, the balancing bias, shared and
+    fine-grained experts; routers-since-2023.md section 2): scores are the softmax or the sigmoid of
+    the logits; each token's top-k experts are chosen by score + bias; BPR serves tokens by their top
+    score + bias; a kept choice weighs its score (sigmoid: divided by the sum of the k chosen scores)
+    times routed_scaling; shared experts add their output to every token."""
     batch, tokens, d = x.shape
     out = torch.zeros_like(x)
     dropped = set()
+    sigmoid = getattr(layer, "gate_function", "softmax") == "sigmoid"
+    bias = layer.selection_bias if getattr(layer, "bias_rate", 0) > 0 else torch.zeros(layer.num_experts)
+    scaling = getattr(layer, "routed_scaling", 1.0)
     for group in groups_of(batch, layer.group_size):
         members = [(b, t) for b in group for t in range(tokens)]  # example-major token order
         cap = capacity(len(members), layer.num_experts, layer.capacity_factor, layer.k, layer.capacity_rounding)
-        gates = {bt: torch.softmax(layer.gate.weight @ x[bt], 0) for bt in members}
-        choices = {bt: torch.topk(gates[bt], layer.k).indices.tolist() for bt in members}
-        if layer.bpr:  # descending top-1 gate; ties keep token order (sorted is stable)
-            order = sorted(members, key=lambda bt: -gates[bt].max().item())
+        logits = {bt: layer.gate.weight @ x[bt] for bt in members}
+        scores = {bt: torch.sigmoid(logits[bt]) if sigmoid else torch.softmax(logits[bt], 0) for bt in members}
+        select = {bt: [float(scores[bt][e].detach()) + float(bias[e]) for e in range(layer.num_experts)] for bt in members}
+        choices = {bt: sorted(range(layer.num_experts), key=lambda e: -select[bt][e])[:layer.k] for bt in members}
+        gates = {}
+        for bt in members:
+            total = sum(scores[bt][e] for e in choices[bt]) if sigmoid else 1.0
+            gates[bt] = {e: scores[bt][e] / total * scaling for e in choices[bt]}
+        if layer.bpr:  # descending top selection score; ties keep token order (sorted is stable)
+            order = sorted(members, key=lambda bt: -max(select[bt]))
         else:
             order = members
         serve(layer, x, members, choices, order, cap, gates, out, dropped)
+        if getattr(layer, "shared", None) is not None:
+            for bt in members:
+                out[bt] = out[bt] + shared_experts(layer, x[bt])
     return out, dropped
 
 

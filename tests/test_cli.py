@@ -169,6 +169,15 @@ REFUSED_BEFORE_ANY_WORK = [  # (overrides, the one line on stderr)
     (["-m", "data=cifar10", "data.root=/nonexistent/moebench"], "cifar10 not found in /nonexistent/moebench (no "
      "cifar-10-batches-py/ there); set data.download=true when online, or point data.root at torchvision's files "
      "or at an ImageFolder tree (ROOT/train/<class>/, ROOT/test/<class>/)"),
+    (["router=tokens_choice", "router.granularity=3"], "router.granularity=3 must divide the expert width "
+     "(model.mlp_dim=32)"),
+    (["router=tokens_choice", "router.shared_experts=1"], "router.shared_experts=1 must be in [0, k * granularity = "
+     "1): the shared experts (width hidden/granularity each) take that many of a token's 1 expert choices, and at "
+     "least one must stay routed"),
+    (["router=tokens_choice", "router.bias_rate=-0.001"], "router.bias_rate must be a finite number >= 0 or null, got -0.001"),
+    (["router=tokens_choice", "router.gate=sigmoid", "router.assignment=sinkhorn"], "router.gate=sigmoid and "
+     "router.assignment=sinkhorn do not combine: Sinkhorn Tokens Choice weights its pairs by the softmax (Liu et al. "
+     "2024)"),
     (["experiment=/abs/dir/x.yaml"], "experiment=/abs/dir/x.yaml: experiment= takes a preset name, not a path; "
      "allowed: cifar10, smoke, tinyimagenet. For a preset file of your own, put it at DIR/experiment/NAME.yaml and "
      "run `moebench train --config-dir DIR experiment=NAME` (Hydra's --config-dir adds DIR to the search path; "
@@ -234,8 +243,11 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
 
 
 @pytest.mark.slow  # four runs; test_faults.py's kill -9 test resumes to the same run in the default suite
-def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
-    common = ["router=tokens_choice", "router.group_size=2", "train.epochs=3", "deterministic=true", "data.num_train=96"]
+@pytest.mark.parametrize("variant", [[], ["variant=tc_deepseek_e32", "experts=4"]], ids=["tokens_choice", "deepseek"])
+def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path, variant):
+    """deepseek: the balancing bias (a buffer moved after every step) resumes exactly too."""
+    common = ["router=tokens_choice", *variant, "router.group_size=2", "train.epochs=3", "deterministic=true",
+              "data.num_train=96"]
     proc, straight = train(tmp_path, *common, name="straight")
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -251,6 +263,10 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 3
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
+    if variant:  # the bias moved, and its trajectory is in the routing metrics
+        biases = [tensor for key, tensor in a["model"].items() if key.endswith("selection_bias")]
+        assert biases and all(bias.abs().sum() > 0 for bias in biases)
+        assert any(key.endswith("/bias_spread") for line in metric_lines(cut) for key in line)
     evals = lambda d: [{k: v for k, v in line.items() if k.startswith("test/")} for line in metric_lines(d)
                        if "test/top1" in line]
     assert evals(straight) == evals(cut)

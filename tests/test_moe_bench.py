@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--dim", "8", "--hidden", "16", "--tokens", "8", "--batch", "16", "--experts", "2", "8",
         "--repeats", "1", "--warmup", "0"]
@@ -42,7 +44,11 @@ def test_bench_reports_every_ratio_and_imports_peers_from_a_directory(tmp_path):
     result = json.loads(out.read_text())
     rows = {row["layer"]: row for row in result["training"]["rows"]}
     assert {"dense", "soft64/E=8", "soft256/E=2", "tokens_choice/E=8", "experts_choice/E=2",
-            "tokens_choice_top2/E=8", "peer_soft_moe_pytorch/E=8"} <= set(rows)
+            "tokens_choice_top2/E=8", "peer_soft_moe_pytorch/E=8", "tokens_choice_deepseek/E=8"} <= set(rows)
+    # DeepSeek's pieces at matched expert FLOPs: 1 shared + top-3 of 32 experts of width 4 against top-1 of 8 of
+    # width 16 (8 tokens x 16 images in groups of 8: the capacities divide); the 4x wider gate adds 2 d 8 (4 - 1) per token
+    deepseek, plain = rows["tokens_choice_deepseek/E=8"], rows["tokens_choice/E=8"]
+    assert deepseek["fwd_bwd_gflop"] - plain["fwd_bwd_gflop"] == pytest.approx(3 * 16 * 8 * 2 * 8 * 8 * 3 / 1e9)
     assert "peer_st_moe_pytorch/E=8" not in rows  # absent from the directory: skipped with a note
     assert any("st-moe-pytorch" in note for note in result["notes"])
     assert rows["dense"]["time_ratio_to_dense"] == 1.0 and rows["dense"]["flop_ratio_to_dense"] == 1.0

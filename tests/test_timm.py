@@ -120,6 +120,8 @@ def test_pretrained_weights_upcycle_into_every_expert(tmp_path, router):
       "model.heads=null", "model.mlp_dim=null"],  # MLP-Mixer: its blocks have mlp_tokens and mlp_channels
      "moebench replaces blocks[i].mlp, and this timm model has no such blocks"),
     (["model.pretrained=true", "model.pretrained_file=/nonexistent.pth"], "no such file"),
+    (["router=tokens_choice", "router.granularity=3"],
+     "router.granularity=3 must divide the expert width (the MLP width of vit_small_patch16_224: "),
 ])
 def test_config_errors_name_the_key(overrides, message):
     """What preflight prints as one line (exit 2, no run dir) before any work."""

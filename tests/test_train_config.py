@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from moebench.errors import ConfigError
 from moebench.moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
-from moebench.build import build_model, validate
+from moebench.build import build_model, conf_dir, validate
 from moebench.resolvers import dirname_label
 from moebench.loop import lr_factor
 from conftest import compose_cfg
@@ -69,6 +70,14 @@ def test_moe_placement_options(overrides):
     (["model.heads=5"], "model.heads=5"),
     (["model.moe.placement=last", "model.moe.n=9"], "model.moe.n must be in [0, depth=4]"),
     (["train.schedule=linear"], "train.schedule"),
+    (["router=tokens_choice", "router.granularity=3"], "router.granularity=3 must divide the expert width (model.mlp_dim="),
+    (["router=tokens_choice", "k=2", "router.granularity=2", "router.shared_experts=4"],
+     "router.shared_experts=4 must be in [0, k * granularity = 4)"),
+    (["router=tokens_choice", "router.gate=sigmoid", "router.assignment=sinkhorn"],
+     "router.gate=sigmoid and router.assignment=sinkhorn do not combine"),
+    (["router=tokens_choice", "router.bias_rate=0.001"], "router.load_weight=0.005 with router.bias_rate > 0"),
+    (["router=tokens_choice", "router.bias_rate=0.001", "router.load_weight=0", "router.assignment=sinkhorn"],
+     "router.bias_rate > 0 and router.assignment=sinkhorn do not combine"),
 ])
 def test_validate_names_the_key_and_what_is_allowed(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -110,6 +119,11 @@ def test_the_schema_accepts_every_shipped_preset(router, extra):
     (["model.moe.layers=[1,x]"], "model.moe.layers must be a list of ints"),
     (["wandb.mode=on"], "wandb.mode must be offline, online or disabled, got 'on'"),
     (["train.checkpoint_every_steps=0"], "train.checkpoint_every_steps must be an int >= 1 or null, got 0"),
+    (["router=tokens_choice", "router.bias_rate=-0.001"], "router.bias_rate must be a finite number >= 0 or null, got -0.001"),
+    (["router=tokens_choice", "router.gate=relu"], "router.gate must be softmax, sigmoid or null, got 'relu'"),
+    (["router=tokens_choice", "router.granularity=0"], "router.granularity must be an int >= 1 or null, got 0"),
+    (["router=tokens_choice", "router.shared_experts=-1"], "router.shared_experts must be an int >= 0 or null, got -1"),
+    (["router=tokens_choice", "router.routed_scaling=0"], "router.routed_scaling must be a finite number > 0 or null, got 0"),
 ])
 def test_the_schema_names_the_key_and_what_is_allowed(overrides, message):
     from moebench import schema
@@ -118,6 +132,16 @@ def test_the_schema_names_the_key_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError) as err:
         schema.check(resolve(compose_cfg(*overrides)))
     assert str(err.value).startswith(message), str(err.value)
+
+
+@pytest.mark.parametrize("variant", sorted(p.stem for p in (Path(conf_dir()) / "variant").glob("*.yaml")))
+def test_every_variant_validates(variant):
+    from moebench import schema
+    from moebench.preflight import resolve
+
+    cfg = compose_cfg("experiment=smoke", f"variant={variant}")
+    schema.check(resolve(cfg))
+    validate(cfg)
 
 
 def test_unknown_keys_name_the_nearest_known_one():

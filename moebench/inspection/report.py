@@ -287,8 +287,10 @@ def _training_pictures(tmp, record, metrics_path: Path) -> None:
     figures.draw_curves(tmp / file, curves, "Routing statistics over training (metrics.jsonl, mean per epoch)")
     _add_figure(record, file, "training_routing",
                 "Over training, from metrics.jsonl (mean of the logged steps of each epoch): per-expert load "
-                "statistics (load_cv, load_max_over_mean; drops / coverage) and routing entropies "
-                "(gate_entropy; Soft MoE dispatch_entropy, combine_entropy), one line per MoE layer.")
+                "statistics (load_cv, load_max_over_mean; drops / coverage), routing entropies "
+                "(gate_entropy; Soft MoE dispatch_entropy, combine_entropy) and, for Tokens Choice with "
+                "router.bias_rate, the balancing bias's trajectory (bias_min, bias_max, bias_spread), one line per "
+                "MoE layer.")
 
 
 def index_page(record: dict, cfg: dict) -> str:

@@ -69,4 +69,6 @@ def rebuild_output(layer: torch.nn.Module, x: torch.Tensor, routing: SoftRouting
     experts = routing.weights.shape[-1]
     flat = x32.reshape(1, batch * m, dim).expand(experts, -1, -1)
     out = layer.experts(flat).float()
-    return torch.einsum("ne,end->nd", routing.weights.reshape(batch * m, experts), out).reshape(batch, m, dim)
+    y = torch.einsum("ne,end->nd", routing.weights.reshape(batch * m, experts), out).reshape(batch, m, dim)
+    shared = getattr(layer, "shared", None)  # Tokens Choice's shared experts: every token, outside the routing
+    return y if shared is None else y + shared(x32).float()

@@ -10,7 +10,9 @@ statistics cost time, so they are computed only when asked:
 running sums (``True``: every forward, e.g. on test data), and
 ``collect_metrics(model)`` returns their means since its previous call.
 ``collect_diagnostics(model)`` measures the weights (similarity of experts
-and slots: do they diverge?)::
+and slots: do they diverge?). Tokens Choice with ``bias_rate`` > 0 balances its
+load with a bias instead of a loss: call ``update_balancing_bias(model)``
+after each optimizer step (it sums the load over torch.distributed ranks)::
 
     from moebench.moe import SoftMoE, collect_aux_loss, collect_metrics, track_routing
     mlp = SoftMoE(dim=192, hidden_dim=768, num_experts=128)
@@ -40,12 +42,13 @@ a no-op). It returns whether the tuning is in force.
 
 from ..allocator import tune_cpu_allocator
 from .base import (
-    MoELayer, collect_aux_loss, collect_diagnostics, collect_metrics, count_parameters, track_routing,
+    MoELayer, collect_aux_loss, collect_diagnostics, collect_metrics, count_parameters, discard_balancing_load,
+    track_routing, update_balancing_bias,
 )
 from .capacity import compute_capacity
 from .decay import matmul_kernel_names, weight_decay_split
 from .dense import DenseMLP
-from .experts import Experts
+from .experts import Experts, SharedExperts
 from .experts_choice import ExpertsChoiceMoE
 from .parallel import ShardedExperts, expert_parallel_parameters, shard_experts
 from . import registry  # routers by name: each router's module registers itself (registry.Router)
@@ -56,8 +59,9 @@ from .tokens_choice import TokensChoiceMoE, position_in_expert
 
 __all__ = [
     "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "Router", "ShardedExperts", "SoftMoE", "SoftRouting",
-    "SparseMoE", "SparseRouting", "TokensChoiceMoE",
-    "collect_aux_loss", "collect_diagnostics", "collect_metrics", "compute_capacity", "count_parameters", "expert_parallel_parameters", "matmul_kernel_names",
+    "SharedExperts", "SparseMoE", "SparseRouting", "TokensChoiceMoE",
+    "collect_aux_loss", "collect_diagnostics", "collect_metrics", "compute_capacity", "count_parameters",
+    "discard_balancing_load", "expert_parallel_parameters", "matmul_kernel_names",
     "position_in_expert", "register", "registry",
-    "shard_experts", "track_routing", "tune_cpu_allocator", "weight_decay_split",
+    "shard_experts", "track_routing", "tune_cpu_allocator", "update_balancing_bias", "weight_decay_split",
 ]

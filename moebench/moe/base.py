@@ -112,6 +112,39 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack([loss.to(losses[0].device) for loss in losses]).sum()
 
 
+@torch.no_grad()
+def update_balancing_bias(model: nn.Module, group=None) -> int:
+    """Auxiliary-loss-free balancing (Wang et al. 2024): call after each optimizer step. Every MoE
+    layer with a balancing bias (Tokens Choice with ``bias_rate`` > 0) moves it by
+    b_i <- b_i + u * sign(mean load - load_i), the load being the choices of its training forwards
+    since the previous call, which then start again from 0. Under torch.distributed (initialised,
+    more than one process in ``group``) the loads are summed over the ranks first (one
+    ``all_reduce`` for all layers; every rank must call this), so every rank applies the same
+    update and the bias stays replicated, with or without expert parallelism. Returns the number of
+    layers updated."""
+    import torch.distributed as dist
+
+    layers = [layer for _, layer in moe_layers(model) if getattr(layer, "balancing", False)]
+    if not layers:
+        return 0
+    loads = [layer.take_load() for layer in layers]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        flat = torch.cat([load.to(torch.float64) for load in loads])  # exact sums of counts
+        dist.all_reduce(flat, group=group)
+        loads = list(flat.split([load.numel() for load in loads]))
+    for layer, load in zip(layers, loads):
+        layer.apply_load(load)
+    return len(layers)
+
+
+@torch.no_grad()
+def discard_balancing_load(model: nn.Module) -> None:
+    """Forget the loads counted since the last bias update (a skipped optimizer step changes no bias)."""
+    for _, layer in moe_layers(model):
+        if getattr(layer, "balancing", False):
+            layer.take_load()
+
+
 def collect_metrics(model: nn.Module) -> dict[str, float]:
     """Routing metrics as ``{"<module name>/<key>": float}`` (just ``key`` for a bare layer): for each layer the mean
     over its tracked forwards since the previous call (which are then forgotten).

@@ -66,3 +66,33 @@ class Experts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
+
+
+class SharedExperts(nn.Module):
+    """``count`` always-on experts of hidden width ``hidden_dim`` each (DeepSeekMoE's shared experts),
+    run as ONE dense MLP d -> count * hidden_dim -> d: the sum of ``count`` expert MLPs is that MLP
+    with their hidden units side by side and their output biases summed into one (DeepSeek-V3's
+    ``model.py`` builds its shared experts the same way: ``MLP(dim, n_shared_experts * moe_inter_dim)``).
+
+    Init as ``count`` independent experts of ``Experts`` (xavier-uniform with each expert's own fans
+    (d, hidden_dim), biases ~N(0, 1e-6)). Its ``nn.Linear`` weights are matmul kernels (weight decay).
+    """
+
+    def __init__(self, count: int, dim: int, hidden_dim: int):
+        super().__init__()
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.count, self.dim, self.hidden_dim = count, dim, hidden_dim
+        self.fc1 = nn.Linear(dim, count * hidden_dim)
+        self.fc2 = nn.Linear(count * hidden_dim, dim)
+        with torch.no_grad():
+            bound = math.sqrt(6.0 / (dim + hidden_dim))
+            for fc in (self.fc1, self.fc2):
+                fc.weight.uniform_(-bound, bound)
+                fc.bias.normal_(std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+    def extra_repr(self) -> str:
+        return f"count={self.count}, dim={self.dim}, hidden_dim={self.hidden_dim} each"

@@ -37,6 +37,8 @@ class Router:
     options: dict = field(default_factory=dict)  # option key -> schema.Spec (type and range)
     label: Callable[[Get], list[str]] = lambda get: []  # arm label words after the name
     check: Callable[[Options], str | None] = no_rule  # cross-key rules: the error line, or None
+    check_sizes: Callable[[Options, int, int], str | None] = lambda options, dim, hidden_dim: None
+    # rules between the options and the layer's (dim, hidden_dim), when the config knows them: the error line, or None
     routed: bool = True  # False: the dense baseline (no MoE blocks, no experts to shard or upcycle into)
     replaces_blocks: Callable[[Options], bool] = never  # unrouted only: still replaces the MoE blocks' MLPs
     unused_parameters: Callable[[Options], bool] = never  # a forward may leave parameters without gradient (DDP)

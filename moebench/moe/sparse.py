@@ -62,8 +62,8 @@ class SparseMoE(MoELayer):
     def capacity(self, group_tokens: int) -> int:
         raise NotImplementedError
 
-    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Clean logits, noisy logits and the softmax gates used for routing.
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean and noisy gate logits.
 
         Training-time noise has std ``noise_std / num_experts`` (V-MoE); in
         eval mode, or with noise_std 0, the noisy logits are the clean ones.
@@ -72,6 +72,11 @@ class SparseMoE(MoELayer):
         noisy = logits
         if self.training and self.noise_std > 0:
             noisy = logits + torch.randn_like(logits) * (self.noise_std / self.num_experts)
+        return logits, noisy
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean logits, noisy logits and the softmax gates used for routing (see ``logits``)."""
+        logits, noisy = self.logits(x)
         return logits, noisy, noisy.softmax(dim=-1)
 
     def parts(self, x32: torch.Tensor) -> list[torch.Tensor]:

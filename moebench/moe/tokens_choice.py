@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..schema import BOOL, Choice, Float, Int
+from ..schema import BOOL, Choice, Float, Int, Positive
 from .capacity import Rounding, compute_capacity
+from .experts import SharedExperts
 from .metrics import cv_squared, load_stats
 from .plans import plan_balance, plan_label, plan_metrics, sinkhorn_plan, sorted_descending
 from .registry import Router, register
@@ -54,6 +57,38 @@ class TokensChoiceMoE(SparseMoE):
     combine weights are the softmax of the *clean* logits at the chosen pairs
     (the authors' code takes the noise-free softmax here, unlike its Expert
     Choice twin). The router learns only through those weights.
+
+    The pieces of DeepSeek-V3's router (routers-since-2023.md, section 2), each off by default:
+
+    - ``gate="sigmoid"`` (DeepSeek-V3, arXiv 2412.19437, and its ``model.py`` ``Gate``): scores
+      s = sigmoid(noisy logits) instead of the softmax; each token's top-k experts are chosen by s
+      (plus the balancing bias); its gate values are the chosen scores renormalised to sum to 1 over
+      the k chosen (dropped ones included: capacity drops after the gates are set), times
+      ``routed_scaling``. ``routed_scaling`` multiplies the softmax gate's values too (as ``Gate``
+      does for both score functions; V2's softmax gates are not renormalised). BPR serves tokens by
+      their top selection score (score plus bias). The statistics and the losses that need a
+      distribution over experts (importance, Switch, gate entropy, ``routing().gates``) read the
+      normalised scores s / sum(s) (V3's s' of its sequence-wise balance loss); V-MoE's load loss
+      (the chance that an expert makes the top-k under fresh noise) is the same event for the
+      sigmoid as for the softmax, since both are increasing in the logit; the z-loss reads the logits.
+    - ``bias_rate`` u > 0, auxiliary-loss-free balancing (Wang et al., arXiv 2408.15664): a
+      per-expert bias (buffer ``selection_bias``: in ``state_dict``, not trained) is added to the
+      scores to choose the experts and nowhere else (gate values, BPR aside, never see it).
+      ``update_balancing_bias(model)`` after each optimizer step moves it by
+      b_i <- b_i + u * sign(mean load - load_i), with load_i the choices (all k per token, dropped
+      ones included) of expert i in the training forwards since the previous update, summed over
+      the data-parallel ranks. Eval forwards count nothing and change nothing. V-MoE's load loss
+      asks about a selection without the bias, so it is not defined here (load_weight must be 0;
+      its metric reads 0).
+    - ``granularity`` m and ``shared_experts`` K_s (DeepSeekMoE, arXiv 2401.06066): the E experts
+      of width h become E*m routed experts of width h/m, and each token's k choices become
+      k*m - K_s routed choices plus K_s shared experts of width h/m that every token passes
+      through (one dense MLP of width K_s*h/m, ``SharedExperts``), their output added to the routed
+      output. A token's expert FLOPs stay those of k experts of width h (capacity rounding aside);
+      the shared experts add K_s*h/m hidden units of parameters (the routed experts stay E*m, as in
+      DeepSeek-V3, rather than DeepSeekMoE's mN - K_s, which would turn E*m = 128 into 127 and
+      round every capacity up). ``num_experts``, ``k`` and the metrics then count routed
+      fine-grained experts.
     """
 
     def __init__(
@@ -75,46 +110,98 @@ class TokensChoiceMoE(SparseMoE):
         identical_init: bool = False,
         assignment: str | None = "softmax",
         plan_iterations: int | None = 20,
+        gate: str | None = "softmax",
+        routed_scaling: float | None = 1.0,
+        bias_rate: float | None = 0.0,
+        shared_experts: int | None = 0,
+        granularity: int | None = 1,
     ):
-        # None (a config's null: the keys came later, and runs made before them pool with null ones) is the default
+        # None (a config's null: the keys came later, and runs made before them pool with null ones) is the
+        # option's default
         assignment = "softmax" if assignment is None else assignment
         plan_iterations = 20 if plan_iterations is None else plan_iterations
+        gate = "softmax" if gate is None else gate
+        routed_scaling = 1.0 if routed_scaling is None else routed_scaling
+        bias_rate = 0.0 if bias_rate is None else bias_rate
+        shared_experts = 0 if shared_experts is None else shared_experts
+        granularity = 1 if granularity is None else granularity
+        problem = options_problem(dict(
+            num_experts=num_experts, k=k, assignment=assignment, gate=gate, routed_scaling=routed_scaling,
+            bias_rate=bias_rate, shared_experts=shared_experts, granularity=granularity, load_weight=load_weight,
+        ), hidden_dim)
+        if problem:
+            raise ValueError(problem)
         super().__init__(
-            dim, hidden_dim, num_experts, capacity_factor, group_size=group_size, noise_std=noise_std,
-            capacity_rounding=capacity_rounding, identical_init=identical_init,
+            dim, hidden_dim // granularity, num_experts * granularity, capacity_factor, group_size=group_size,
+            noise_std=noise_std, capacity_rounding=capacity_rounding, identical_init=identical_init,
         )
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
-        if assignment not in ("softmax", "sinkhorn"):
-            raise ValueError(f"assignment must be 'softmax' or 'sinkhorn', got {assignment!r}")
         if plan_iterations < 1:
             raise ValueError(f"plan_iterations must be >= 1, got {plan_iterations}")
-        self.k, self.bpr = k, bpr
+        self.k, self.bpr = k * granularity - shared_experts, bpr  # routed choices per token
         self.assignment, self.plan_iterations = assignment, plan_iterations
+        self.gate_function, self.routed_scaling = gate, routed_scaling
+        self.bias_rate, self.granularity, self.num_shared = bias_rate, granularity, shared_experts
         self.loss_weights = {
             "importance": importance_weight, "load": load_weight, "switch": switch_weight, "z": z_loss_weight,
         }
+        # Always-on experts of the fine-grained width; None without (no new parameters, old state dicts load).
+        self.shared = SharedExperts(shared_experts, dim, hidden_dim // granularity) if shared_experts else None
+        if bias_rate > 0:  # persistent: checkpoints carry it; absent at 0, so older state dicts still load
+            self.register_buffer("selection_bias", torch.zeros(self.num_experts))
+        self._load_counts: torch.Tensor | None = None  # choices per expert since the last bias update
 
     def capacity(self, group_tokens: int) -> int:
         return compute_capacity(group_tokens, self.num_experts, self.capacity_factor, self.k, self.capacity_rounding)
 
     def active_expert_fraction(self) -> float:
-        return self.k / self.num_experts
+        return self.k / self.num_experts  # of the routed experts; the shared ones are always active
+
+    @property
+    def balancing(self) -> bool:
+        """Whether the auxiliary-loss-free bias chooses the experts (``bias_rate`` > 0)."""
+        return self.bias_rate > 0
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The gate's distribution over experts: the softmax, or the normalised sigmoid scores."""
+        if self.gate_function == "sigmoid":
+            scores = logits.sigmoid()
+            return scores / scores.sum(-1, keepdim=True)
+        return logits.softmax(-1)
+
+    def select(self, noisy: torch.Tensor):
+        """Every token's top-k experts: (gates (G, m, E) for statistics, top selection scores, top experts,
+        their gate values), each of the last three (G, m, k)."""
+        k = self.k
+        if self.gate_function == "softmax" and not self.balancing:  # V-MoE's gate (bit-identical to before)
+            gates = noisy.softmax(-1)
+            top_gate, top_expert = gates.topk(k, dim=-1)  # (G, m, k)
+            top_score = top_gate
+        else:
+            scores = noisy.sigmoid() if self.gate_function == "sigmoid" else noisy.softmax(-1)
+            gates = scores / scores.sum(-1, keepdim=True) if self.gate_function == "sigmoid" else scores
+            chooser = scores + self.selection_bias.to(scores.dtype) if self.balancing else scores
+            top_score, top_expert = chooser.topk(k, dim=-1)
+            top_gate = scores.gather(-1, top_expert)  # the bias never reaches a gate value
+            if self.gate_function == "sigmoid":
+                top_gate = top_gate / top_gate.sum(-1, keepdim=True)
+        return gates, top_score, top_expert, top_gate
 
     def route(self, x: torch.Tensor):
         groups, m, dim = x.shape
         experts, k, capacity = self.num_experts, self.k, self.capacity(m)
-        logits, noisy, gates = self.gates(x)
+        logits, noisy = self.logits(x)
         plan = None
         if self.assignment == "sinkhorn":
+            gates = noisy.softmax(dim=-1)
             plan = sinkhorn_plan(noisy.detach(), self.plan_iterations)
             top_score, top_expert = (t[..., :k] for t in sorted_descending(plan))
             combine_gates = gates if noisy is logits else logits.softmax(-1)
             top_gate = combine_gates.gather(-1, top_expert)
         else:
+            gates, top_score, top_expert, top_gate = self.select(noisy)
             combine_gates = gates
-            top_gate, top_expert = gates.topk(k, dim=-1)  # (G, m, k)
-            top_score = top_gate
+        if self.routed_scaling != 1.0:
+            top_gate = top_gate * self.routed_scaling
 
         if self.bpr:
             order = torch.argsort(top_score[..., 0].detach(), dim=1, descending=True, stable=True)
@@ -182,10 +269,11 @@ class TokensChoiceMoE(SparseMoE):
             with torch.no_grad():
                 return compute()
 
-        clean = gates if noisy is logits else logits.softmax(-1)  # without noise the gates are the clean softmax
+        clean = gates if noisy is logits else self.distribution(logits)  # without noise the gates are the clean ones
         importance = term("importance", lambda: cv_squared(clean.sum(1)))
-        if self.training and self.noise_std > 0:
-            # P(expert e would make token t's top-k under fresh noise), V-MoE's load.
+        if self.training and self.noise_std > 0 and not self.balancing:
+            # P(expert e would make token t's top-k under fresh noise), V-MoE's load. The sigmoid is
+            # increasing, so its top-k are the top-k noisy logits, as the softmax's are.
             sigma = self.noise_std / experts
             threshold = noisy.topk(self.k, dim=-1).values[..., -1:]
             load = term("load", lambda: cv_squared(torch.special.ndtr((logits - threshold) / sigma).mean(1)))
@@ -201,45 +289,148 @@ class TokensChoiceMoE(SparseMoE):
         z = term("z", lambda: torch.logsumexp(logits, dim=-1).pow(2).mean(1))
         return {"importance": importance, "load": load, "switch": switch, "z": z}
 
+    def choice_counts(self, states: list[dict]) -> torch.Tensor:
+        """Choices (all k per token, dropped ones included) per expert over a forward's parts, float32 (E,)."""
+        # scatter_add, not bincount: a fixed output shape keeps torch.compile from breaking the graph
+        with torch.no_grad():
+            return sum(
+                torch.zeros(self.num_experts, device=s["choices"].device).scatter_add_(
+                    0, s["choices"].reshape(-1), torch.ones(s["choices"].numel(), device=s["choices"].device))
+                for s in states
+            )
+
     def summarize(self, states: list[dict]):
         losses = {
             name: torch.cat([s["losses"][name] for s in states]).mean()
             for name in self.loss_weights if states[0]["losses"][name] is not None
         }
         aux = sum((self.loss_weights[name] * value for name, value in losses.items()), states[0]["gates"].new_zeros(()))
+        load = None
+        if self.balancing and self.training:  # the bias update's load: training forwards only
+            load = self.choice_counts(states)
+            # rebound, not updated in place (as record_metrics' sums: no guard on an in-place counter)
+            self._load_counts = load if self._load_counts is None else self._load_counts + load
         if not self.tracking:
             return aux, {}
         with torch.no_grad():
             kept = sum(s["kept"].sum() for s in states)
             choices = sum(s["kept"].numel() for s in states)
-            # scatter_add, not bincount: a fixed output shape keeps torch.compile from breaking the graph
-            load = sum(
-                torch.zeros(self.num_experts, device=s["choices"].device).scatter_add_(
-                    0, s["choices"].reshape(-1), torch.ones(s["choices"].numel(), device=s["choices"].device))
-                for s in states
-            )
+            load = self.choice_counts(states) if load is None else load
             metrics = {"dropped": 1.0 - kept / choices, **load_stats(load), "gate_entropy": self.gate_entropy(states)}
             if "plan_balance" in states[0]:
                 metrics.update(plan_metrics(states))
             metrics.update({f"{name}_loss": value.detach() for name, value in losses.items()})
+            if self.balancing:  # the bias trajectory (its values at this forward)
+                bias = self.selection_bias.float()
+                metrics.update({"bias_min": bias.min(), "bias_max": bias.max(), "bias_spread": bias.max() - bias.min()})
         return aux, metrics
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.shared is not None:  # under the caller's autocast, as the routed experts
+            y = y + self.shared(x)
+        return y
+
+    def _apply(self, fn, recurse: bool = True):
+        """``to``/``cuda``/``half``...: the bias follows the device but stays float32 (or wider) in a bf16 or fp16
+        model, where steps of bias_rate (0.001) would round away once |b| passes ~0.25 (it is routing state:
+        the router computes in float32 anyway)."""
+        bias = self._buffers.get("selection_bias")
+        out = super()._apply(fn, recurse)
+        moved = self._buffers.get("selection_bias")
+        if bias is not None and moved is not None and moved.dtype not in (torch.float32, torch.float64):
+            self._buffers["selection_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        return out
+
+    @torch.no_grad()
+    def take_load(self) -> torch.Tensor:
+        """The choices per expert counted since the last call (zeros if none), and start a new count."""
+        counts, self._load_counts = self._load_counts, None
+        if counts is None:
+            return torch.zeros(self.num_experts, device=self.selection_bias.device)
+        return counts.to(self.selection_bias.device)
+
+    @torch.no_grad()
+    def apply_load(self, load: torch.Tensor) -> None:
+        """b_i <- b_i + u * sign(mean load - load_i) (Wang et al. 2024, Algorithm 1); nothing for an empty load."""
+        load = load.to(torch.float64)
+        if load.sum() > 0:
+            step = self.bias_rate * torch.sign(load.mean() - load)
+            self.selection_bias.add_(step.to(self.selection_bias.dtype))
 
     def extra_repr(self) -> str:
         plan = f"assignment={self.assignment!r}, plan_iterations={self.plan_iterations}, " \
             if self.assignment != "softmax" else ""
-        return f"k={self.k}, bpr={self.bpr}, {plan}" + super().extra_repr()
+        deepseek = "".join(f"{name}={value!r}, " for name, value, default in (
+            ("gate", self.gate_function, "softmax"), ("routed_scaling", self.routed_scaling, 1.0),
+            ("bias_rate", self.bias_rate, 0.0), ("granularity", self.granularity, 1),
+            ("shared_experts", self.num_shared, 0)) if value != default)
+        return f"k={self.k}, bpr={self.bpr}, {plan}{deepseek}" + super().extra_repr()
 
 
-def _check(r) -> str | None:
-    """The rule between options (each option's type and range: the specs below)."""
-    if not 1 <= r["k"] <= r["num_experts"]:
-        return f"k (router.k) must be in [1, experts={r['num_experts']}], got {r['k']}"
+DEFAULTS = {"assignment": "softmax", "gate": "softmax", "routed_scaling": 1.0, "bias_rate": 0.0, "shared_experts": 0,
+            "granularity": 1, "load_weight": 0.005}
+
+
+def options_problem(r, hidden_dim: int | None = None) -> str | None:
+    """The rules between Tokens Choice options (and the expert width, when known): the error line, or None."""
+    r = {**DEFAULTS, **{key: value for key, value in r.items() if value is not None}}
+    experts, k, m, shared = r["num_experts"], r["k"], r["granularity"], r["shared_experts"]
+    if not 1 <= k <= experts:
+        return f"k (router.k) must be in [1, experts={experts}], got {k}"
+    if m < 1:
+        return f"router.granularity must be >= 1, got {m}"
+    if shared < 0 or shared >= k * m:
+        return (f"router.shared_experts={shared} must be in [0, k * granularity = {k * m}): the shared experts "
+                f"(width hidden/granularity each) take that many of a token's {k * m} expert choices, and at least "
+                "one must stay routed")
+    if hidden_dim is not None and hidden_dim % m:
+        return f"router.granularity={m} must divide the expert width (model.mlp_dim={hidden_dim})"
+    if r["gate"] not in ("softmax", "sigmoid"):
+        return f"router.gate must be softmax or sigmoid, got {r['gate']!r}"
+    if r["assignment"] not in ("softmax", "sinkhorn"):
+        return f"router.assignment must be softmax or sinkhorn, got {r['assignment']!r}"
+    if not r["routed_scaling"] > 0:
+        return f"router.routed_scaling must be > 0, got {r['routed_scaling']}"
+    if r["bias_rate"] < 0:
+        return f"router.bias_rate must be >= 0 (0: off), got {r['bias_rate']}"
+    if r["assignment"] == "sinkhorn" and r["gate"] != "softmax":
+        return ("router.gate=sigmoid and router.assignment=sinkhorn do not combine: Sinkhorn Tokens Choice "
+                "weights its pairs by the softmax (Liu et al. 2024)")
+    if r["assignment"] == "sinkhorn" and r["bias_rate"] > 0:
+        return ("router.bias_rate > 0 and router.assignment=sinkhorn do not combine: the transport plan, not "
+                "a biased score, chooses the experts")
+    if r["bias_rate"] > 0 and r["load_weight"]:
+        return (f"router.load_weight={r['load_weight']} with router.bias_rate > 0: V-MoE's load loss is the "
+                "chance of a selection without the bias; set router.load_weight=0 (the bias balances the load)")
     return None
 
 
+def _check(r) -> str | None:
+    """The rules between options (each option's type and range: the specs below)."""
+    return options_problem(r)
+
+
+def _check_sizes(r, dim: int, hidden_dim: int) -> str | None:
+    """The rule between the options and the expert width: granularity divides it."""
+    return options_problem(r, hidden_dim)
+
+
 def _label(get) -> list[str]:
-    return [f"E{get('num_experts')}", f"k{get('k')}", f"C{get('capacity_factor')}"] + \
+    words = [f"E{get('num_experts')}", f"k{get('k')}", f"C{get('capacity_factor')}"] + \
         ([] if get("bpr") else ["noBPR"]) + plan_label(get)
+    # DeepSeek's pieces, each only when not its default (older labels stay as they were)
+    if get("gate") not in (None, "softmax"):
+        words.append(get("gate"))
+    if get("routed_scaling") not in (None, 1, 1.0):
+        words.append(f"scale{get('routed_scaling'):g}")
+    if get("bias_rate"):
+        words.append(f"bias{get('bias_rate'):g}")
+    if get("granularity") not in (None, 1):
+        words.append(f"m{get('granularity')}")
+    if get("shared_experts"):
+        words.append(f"shared{get('shared_experts')}")
+    return words
 
 
 register(Router(
@@ -247,9 +438,18 @@ register(Router(
     build=lambda dim, hidden_dim, num_tokens, options: TokensChoiceMoE(dim, hidden_dim, **options),
     options={**GROUPED_OPTIONS, "k": Int(1), "bpr": BOOL, "importance_weight": Float(0), "load_weight": Float(0),
              "switch_weight": Float(0), "z_loss_weight": Float(0), "assignment": Choice("softmax", "sinkhorn", nullable=True),
-             "plan_iterations": Int(1, nullable=True)},
-    label=_label, check=_check, marker="s", order=1,
-    # The bench's own tokens_choice/E= rows time the softmax twin (same k, capacity, no noise): the gap is the plan's cost.
-    bench=lambda experts, tokens: {f"tokens_choice_sinkhorn/E={experts}": lambda d, h: TokensChoiceMoE(
-        d, h, experts, k=1, capacity_factor=1.0, noise_std=0.0, assignment="sinkhorn")},
+             "plan_iterations": Int(1, nullable=True),
+             # DeepSeek's pieces: null is off (the keys came later; runs made before them pool with null ones)
+             "gate": Choice("softmax", "sigmoid", nullable=True), "routed_scaling": Positive(nullable=True),
+             "bias_rate": Float(0, nullable=True), "shared_experts": Int(0, nullable=True),
+             "granularity": Int(1, nullable=True)},
+    label=_label, check=_check, check_sizes=_check_sizes, marker="s", order=1,
+    # The bench's own tokens_choice/E= rows time the softmax twin (same k, capacity, no noise): the gap is the plan's
+    # cost, or that of DeepSeek's pieces (variant tc_deepseek_e32's router: split 4 ways when the width allows).
+    bench=lambda experts, tokens: {
+        f"tokens_choice_sinkhorn/E={experts}": lambda d, h: TokensChoiceMoE(
+            d, h, experts, k=1, capacity_factor=1.0, noise_std=0.0, assignment="sinkhorn"),
+        f"tokens_choice_deepseek/E={experts}": lambda d, h: TokensChoiceMoE(
+            d, h, experts, k=1, capacity_factor=1.0, noise_std=0.0, gate="sigmoid", bias_rate=0.001, load_weight=0.0,
+            importance_weight=0.0, granularity=math.gcd(h, 4), shared_experts=1 if h % 2 == 0 else 0)},
 ))
