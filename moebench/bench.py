@@ -310,7 +310,8 @@ def vit_models(routers: list[str]) -> dict[str, nn.Module]:
     """The ViT of ``experiment=cifar10`` for each router, built as ``moebench train`` builds it."""
     from hydra import compose, initialize_config_dir
 
-    from .build import build_model, conf_dir
+    from .build import build_model
+    from .preflight import conf_dir
 
     models = {}
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):

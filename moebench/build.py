@@ -8,12 +8,12 @@ Below the Hydra app (train.py) so that whatever needs a model from a config
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed, memory, plugins, schema, timm_backbone
+from .preflight import conf_dir  # noqa: F401 (where conf/ is: build's importers ask here)
 from .data import load_data
 from .errors import ConfigError
 from .moe import MoELayer, registry
@@ -189,10 +189,3 @@ def optimizer_record(optimizer: torch.optim.Optimizer) -> dict:
     if lr_mult:
         record["lr_mult"] = lr_mult
     return record
-
-
-def conf_dir() -> str:
-    """conf/ ships inside the installed package as moebench/conf; in a source
-    checkout (editable install) it is the repository's top-level conf/."""
-    installed = Path(__file__).resolve().parent / "conf"
-    return str(installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "conf")

@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-from . import invocation, plugins
+from . import invocation, plugins, status
 from .allocator import tune_cpu_allocator
 from .errors import UserError
 
@@ -53,6 +53,31 @@ def sleep_idle_openmp_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def train(args: list[str]) -> int:
+    """`moebench train`: the help, and the checks of the command line that read the config alone,
+    before torch is imported (seconds, tens of seconds on a loaded machine), so that both answer at once."""
+    from datetime import datetime
+
+    from . import preflight, resolvers, search
+
+    resolvers.register(stamp=datetime.now().strftime)  # (train.main registers the stamp all ranks share)
+    if HELP_FLAGS & set(args):
+        from .confhelp import train_help
+
+        return train_help(args)
+    checked = None
+    if "WORLD_SIZE" not in os.environ:  # under torchrun the ranks agree on one refusal first (train.main)
+        try:
+            search.prepare_preset(args)  # hydra/sweeper=optuna composes moebench's preset
+            checked = preflight.check_config(args, preflight.conf_dir())
+        except UserError as err:  # nothing was written
+            print(f"moebench: error: {err}", file=sys.stderr, flush=True)
+            return status.EXIT_BAD_INPUT
+    from . import train as app
+
+    return app.main(args, checked)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     invocation.remember(sys.argv[0])  # hints name the command that started us (train rewrites sys.argv)
@@ -71,15 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moebench: error: {err}", file=sys.stderr)
         return 2
     try:
-        if command == "train" and HELP_FLAGS & set(args):
-            # The help reads conf/ only: answer it without importing torch (seconds on a loaded machine).
-            from datetime import datetime
-
-            from . import resolvers
-            from .confhelp import train_help
-
-            resolvers.register(stamp=datetime.now().strftime)
-            return train_help(args)
+        if command == "train":
+            return train(args)
         module = importlib.import_module(f".{COMMANDS[command][0]}", __package__)
         return module.main(args)
     except KeyboardInterrupt:

@@ -19,18 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .datasource import IMAGEFOLDER_LAYOUT, NAMES, DataError, imagefolder_dirs, is_imagefolder
+
 # Images that share one draw of RandAugment's ops: one call per image costs ~7 ms of torchvision
 # overhead on a CPU (about 1 s per batch of 128), one call per 8 images ~1 ms per image.
 RANDAUGMENT_GROUP = 8
-NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 log = logging.getLogger("moebench")
-
-
-class DataError(Exception):
-    """A dataset that is missing or malformed; the message says where and what to do."""
 
 
 @dataclass
@@ -56,27 +53,6 @@ class ImageData:
         return self.train_images.shape[-1]
 
 
-CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's extracted files
-GENERATED = {"digits": "bundled with scikit-learn", "synthetic": "generated"}
-
-
-def check_source(name: str, root: str | None, download: bool = False) -> str | None:
-    """Before anything is written: DataError when the data cannot be where ``root`` says (the checks that
-    need no reading); a warning (returned) when a dataset that needs no files is given a root."""
-    if name not in NAMES:
-        raise DataError(f"data.name={name!r} is unknown; allowed: {', '.join(NAMES)}")
-    if name in GENERATED:
-        return f"data.root={root} is ignored: data={name} is {GENERATED[name]}" if root else None
-    if name == "imagefolder" or _is_imagefolder(root):
-        _imagefolder_dirs(root)
-    elif not download and not (Path(root or "data").expanduser() / CIFAR_DIRS[name]).is_dir():
-        where = Path(root or "data").expanduser().resolve()
-        raise DataError(f"{name} not found in {where} (no {CIFAR_DIRS[name]}/ there); set data.download=true when "
-                        "online, or point data.root at torchvision's files or at an ImageFolder tree "
-                        "(ROOT/train/<class>/, ROOT/test/<class>/)")
-    return None
-
-
 def load_data(
     name: str,
     *,
@@ -97,7 +73,7 @@ def load_data(
     """
     if name == "digits":
         splits, classes = _digits(seed)
-    elif name in ("cifar10", "cifar100") and _is_imagefolder(root):
+    elif name in ("cifar10", "cifar100") and is_imagefolder(root):
         splits, classes = _imagefolder(root, image_size, cache_dir)  # e.g. a JPEG copy, read in place
     elif name in ("cifar10", "cifar100"):
         splits, classes = _cifar(name, root, download)
@@ -203,12 +179,6 @@ def _cifar(name: str, root: str | None, download: bool):
     return (to_tensors(train), to_tensors(test)), list(train.classes)
 
 
-def _is_imagefolder(root: str | None) -> bool:
-    """A tree of ROOT/train/<class>/ dirs rather than torchvision's pickled batches."""
-    train = Path(root).expanduser() / "train" if root else None
-    return bool(train and train.is_dir() and any(p.is_dir() for p in train.iterdir()))
-
-
 def _synthetic(num_train: int, num_test: int, size: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     make = lambda n: (torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
@@ -218,27 +188,10 @@ def _synthetic(num_train: int, num_test: int, size: int, seed: int):
 
 # ----------------------------------------------------------------------------- ImageFolder
 
-IMAGEFOLDER_LAYOUT = "expected ROOT/train/<class>/<image> and ROOT/test/<class>/<image> (or val/)"
-
-
-def _imagefolder_dirs(root: str | None) -> tuple[Path, Path, Path]:
-    """(root, train dir, test dir) of an ImageFolder tree; DataError naming what is missing."""
-    layout = IMAGEFOLDER_LAYOUT
-    if not root:
-        raise DataError(f"data=imagefolder needs data.root=DIR; {layout}")
-    root_path = Path(root).expanduser().resolve()
-    if not root_path.is_dir():
-        raise DataError(f"data.root={root}: no such directory ({root_path}); {layout}")
-    train_dir = root_path / "train"
-    test_dir = next((root_path / n for n in ("test", "val") if (root_path / n).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DataError(f"data.root={root_path} lacks train/ and test/ (or val/); {layout}")
-    return root_path, train_dir, test_dir
-
 
 def _imagefolder(root: str | None, image_size: int | None, cache_dir: str | None):
     layout = IMAGEFOLDER_LAYOUT
-    root_path, train_dir, test_dir = _imagefolder_dirs(root)
+    root_path, train_dir, test_dir = imagefolder_dirs(root)
     train_files, classes = _scan(train_dir, layout)
     test_files, test_classes = _scan(test_dir, layout)
     if test_classes != classes:

@@ -26,8 +26,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
-from . import checkpoint, invocation, resolvers, schema, search, upcycle
-from .data import DataError, check_source
+from . import invocation, plugins, resolvers, router_options, schema, search
+from .datasource import DataError, check_source
 from .errors import ConfigError
 
 PASSTHROUGH_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "experimental_rerun")
@@ -57,20 +57,42 @@ def quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Command:
-    """Check ``args`` and return the argv to give Hydra. Raises UserError (one line) when they are wrong.
-    ``validate``: the cross-key rules (single runs; under -m they fail only their job); ``fits``: the
-    memory estimate (every job: a run that cannot fit refuses the whole command)."""
-    resolvers.register()  # Hydra's keys (run and sweep dirs) interpolate ${moebench_now:}
+@dataclass
+class Checked:
+    """The command line as the checks from the config alone left it (``check_config``)."""
+    args: list[str]  # the command line checked
+    command: Command
+    configs: list | None = None  # every job's composed config (None: nothing to compose, Hydra checks it)
+    keys: set[str] = field(default_factory=set)  # the keys the command line sets
+    init_jobs: list[dict] = field(default_factory=list)  # resolved configs that name init_from
+
+
+def conf_dir() -> str:
+    """conf/ ships inside the installed package as moebench/conf; in a source
+    checkout (editable install) it is the repository's top-level conf/."""
+    installed = Path(__file__).resolve().parent / "conf"
+    return str(installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "conf")
+
+
+def check_config(args: list[str], config_dir: str) -> Checked:
+    """The checks of ``args`` that read the config alone: override syntax, groups and keys, every value's
+    type and range, search objectives, where the data must be and, for a single run, the router's name
+    and the rules between its options. UserError (one line) when one fails.
+
+    Nothing here imports torch (seconds, tens of seconds on a loaded machine): the CLI runs these first,
+    so that a refusal prints at once, and ``prepare`` then continues from the configs composed here.
+    Needs conf/train.yaml's resolvers registered (resolvers.register).
+    """
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             parsed_args = get_args_parser().parse_args(args)
     except SystemExit:  # a bad flag: Hydra's own parser says so (once)
-        return Command(list(args))
+        return Checked(list(args), Command(list(args)))
     command = Command(list(args), multirun=bool(parsed_args.multirun), user_args=list(args))
+    checked = Checked(list(args), command)
     if any(getattr(parsed_args, flag, None) for flag in PASSTHROUGH_FLAGS) or parsed_args.config_dir \
             or parsed_args.config_name or parsed_args.config_path:
-        return command
+        return checked
     overrides = list(parsed_args.overrides)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -79,16 +101,15 @@ def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Comma
     check_experiment_values(parsed, config_dir)
     jobs = job_overrides(parsed, command.multirun)
     if not jobs:  # a range or interval sweep: Hydra's sweeper checks it
-        return command
-    keys = {o.get_key_element().lstrip("+~") for o in parsed}
-
-    first, defaults, init_jobs, same_run = None, {}, [], {}
+        return checked
+    checked.keys = {o.get_key_element().lstrip("+~") for o in parsed}
+    checked.configs, defaults, same_run = [], {}, {}
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         for job in jobs:
             cfg = compose_job(job)
             if command.multirun:
                 same_run.setdefault(run_identity(cfg), []).append(job)
-            first = first if first is not None else cfg
+            checked.configs.append(cfg)
             groups = tuple(o for o in job if is_group_choice(o))
             if groups not in defaults:  # conf/'s values for these groups: the types of unlisted keys
                 defaults[groups] = compose_job(list(groups))
@@ -98,24 +119,60 @@ def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Comma
                 if key.startswith("+") and not key.lstrip("+").startswith("hydra") \
                         and not any(k == key.lstrip("+") or k.startswith(key.lstrip("+") + ".") for k in known):
                     raise schema.unknown_key_error(key.lstrip("+"), known)
-            schema.check(resolve(cfg), resolve(defaults[groups], quiet=True))
+            config = resolve(cfg)
+            schema.check(config, resolve(defaults[groups], quiet=True))
             search.check(cfg)  # objective names; under hydra/sweeper=optuna, one fitting direction each
             check_data(cfg, command.warnings)
+            if not command.multirun:  # under -m a job with a bad router fails alone, in the sweep
+                check_router(config)
             if cfg.get("init_from"):
-                init_jobs.append(resolve(cfg))
-            if validate is not None and not command.multirun:
-                validate(cfg)  # (memory included)
-            elif fits is not None:
-                fits(cfg)
-
-    hydra_cfg = first.hydra
+                checked.init_jobs.append(config)
     command.warnings += repeated_job_warnings(same_run.values())
+    return checked
+
+
+def check_router(config: dict) -> None:
+    """The router is known and its options agree with each other: build.validate's first rules, with
+    the same lines (the rules with the model's sizes wait for validate, after the model's own)."""
+    name = config["router"].get("name")
+    router = router_options.declared(name)
+    if router is None:
+        plugins.load()  # a router of MOEBENCH_PLUGINS, when called without the CLI (which loaded them)
+        router = router_options.declared(name)
+    if router is None:
+        raise ConfigError(router_options.unknown_router(name))
+    problem = router.check({key: value for key, value in config["router"].items() if key not in ("name", "lr_mult")})
+    if problem:
+        raise ConfigError(problem)
+
+
+def prepare(args: list[str], config_dir: str, validate=None, fits=None, checked: Checked | None = None) -> Command:
+    """Check ``args`` and return the argv to give Hydra. Raises UserError (one line) when they are wrong.
+    ``validate``: the cross-key rules (single runs; under -m they fail only their job); ``fits``: the
+    memory estimate (every job: a run that cannot fit refuses the whole command). ``checked``: what
+    ``check_config`` already found for these ``args`` (else it runs here)."""
+    resolvers.register()  # Hydra's keys (run and sweep dirs) interpolate ${moebench_now:}
+    if checked is None or checked.args != list(args):
+        checked = check_config(args, config_dir)
+    command, configs = checked.command, checked.configs
+    if configs is None:
+        return command
+    from . import checkpoint  # torch: after the checks above, which refuse without it
+
+    for cfg in configs:
+        if validate is not None and not command.multirun:
+            validate(cfg)  # (memory included)
+        elif fits is not None:
+            fits(cfg)
+
+    first, keys = configs[0], checked.keys
+    hydra_cfg = first.hydra
     if command.multirun:
         if "hydra.sweep.dir" not in keys:  # every launcher's workers would compute their own otherwise
             command.args.append(f"hydra.sweep.dir={quote(str(hydra_cfg.sweep.dir))}")
         command.sweep_dir = Path(str(hydra_cfg.sweep.dir))
         if not command.sweep_dir.is_dir():  # a sweep dir that exists is resumed: its jobs may not re-read it
-            check_init_from(init_jobs)
+            check_init_from(checked.init_jobs)
         return command
 
     run_dir = Path(str(hydra_cfg.run.dir))
@@ -130,7 +187,7 @@ def prepare(args: list[str], config_dir: str, validate=None, fits=None) -> Comma
     else:
         check_previous_run(run_dir, resolve(first))
         if not (run_dir / "last.pt").is_file() and not (run_dir / "result.json").is_file():  # else resumed/done
-            check_init_from(init_jobs)
+            check_init_from(checked.init_jobs)
         if "hydra.run.dir" not in keys:
             command.args.append(f"hydra.run.dir={quote(str(run_dir))}")
     command.run_dir = run_dir
@@ -198,7 +255,7 @@ def check_experiment_values(parsed, config_dir: str) -> None:
 
 def check_previous_run(run_dir: Path, config: dict) -> None:
     """Running again into a run dir continues (or skips) the run there: only if it is the same experiment."""
-    import json
+    from . import checkpoint  # torch
 
     result_file = run_dir / "result.json"
     try:
@@ -214,6 +271,7 @@ def check_previous_run(run_dir: Path, config: dict) -> None:
 
 def check_init_from(configs: list[dict]) -> None:
     """init_from names a readable checkpoint of a dense run with this backbone (each file read once)."""
+    from . import upcycle  # torch
     cache: dict = {}
     for config in configs:
         if config.get("init_from") and not config.get("resume"):  # resume wins: never re-initialised

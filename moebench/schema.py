@@ -1,7 +1,7 @@
 """The typed schema of the train config: every value's type and range, checked before any work.
 
 conf/ stays the single source of defaults and of which keys exist; this module
-says what each value may be (a router's options: its module, moe/registry.py).
+says what each value may be (a built-in router's options: router_options.py; a plugin's: its module).
 Keys it does not list take the type of their default in conf/ (an int stays an
 int, a bool a bool...). Cross-key rules
 (k <= experts, divisibility by the number of processes...) are ``build.validate``'s.
@@ -10,86 +10,13 @@ int, a bool a bool...). Cross-key rules
 from __future__ import annotations
 
 import difflib
-import math
-from dataclasses import dataclass
 
+from . import router_options
 from .errors import ConfigError
+from .specs import (  # noqa: F401 (the constructors: routers' modules and plugins import them from here)
+    BOOL, ROUNDING, STR, Choice, Float, Int, Positive, Spec,
+)
 
-NUMBER = (int, float)
-
-
-@dataclass(frozen=True)
-class Spec:
-    kind: str  # int, float, bool, str, list
-    low: float | None = None  # value >= low (or > low when ``open_low``)
-    open_low: bool = False
-    high: float | None = None  # value < high
-    choices: tuple = ()  # allowed strings (for kind str: the only ones; else: besides the kind)
-    nullable: bool = False
-    item: str | None = None  # kind list: the kind of each item
-    infinite: bool = False  # kind float: inf is a meaningful value (NaN never is)
-
-    def allowed(self) -> str:
-        parts = []
-        if self.kind in ("int", "float"):
-            what = "an int" if self.kind == "int" else ("a number" if self.infinite else "a finite number")
-            if self.low is not None:
-                what += f" {'>' if self.open_low else '>='} {self.low:g}"
-            if self.high is not None:
-                what += f" and < {self.high:g}"
-            parts.append(what)
-        elif self.kind == "bool":
-            parts.append("true or false")
-        elif self.kind == "list":
-            parts.append(f"a list{f' of {self.item}s' if self.item else ''}, e.g. [1,2]")
-        elif not self.choices:
-            parts.append("a string")
-        parts += list(self.choices)
-        if self.nullable:
-            parts.append("null")
-        return ", ".join(parts[:-1]) + (" or " if len(parts) > 1 else "") + parts[-1]
-
-    def accepts(self, value) -> bool:
-        if value is None:
-            return self.nullable
-        if isinstance(value, str) and value in self.choices:
-            return True
-        if self.kind == "bool":
-            return isinstance(value, bool)
-        if self.kind == "str":
-            return isinstance(value, str) and (not self.choices or value in self.choices)
-        if self.kind == "list":
-            return isinstance(value, list) and all(Spec(self.item).accepts(v) for v in value) if self.item \
-                else isinstance(value, list)
-        if isinstance(value, bool) or not isinstance(value, int if self.kind == "int" else NUMBER):
-            return False
-        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not self.infinite)):
-            return False  # NaN passes every comparison below; inf only where the key gives it a meaning
-        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
-            return False
-        return self.high is None or value < self.high
-
-
-def Int(low=None, **kw) -> Spec:
-    return Spec("int", low, **kw)
-
-
-def Float(low=None, **kw) -> Spec:
-    return Spec("float", low, **kw)
-
-
-def Positive(**kw) -> Spec:
-    return Spec("float", 0, open_low=True, **kw)
-
-
-BOOL, STR = Spec("bool"), Spec("str")
-
-
-def Choice(*choices: str, **kw) -> Spec:
-    return Spec("str", choices=choices, **kw)
-
-
-ROUNDING = Int(1, choices=("ceil", "round"))
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 
 SCHEMA: dict[str, Spec] = {
@@ -125,7 +52,7 @@ SCHEMA: dict[str, Spec] = {
     "model.moe.n": Int(0, nullable=True), "model.moe.layers": Spec("list", item="int", nullable=True),
     "model.backbone": Choice("timm"), "model.img_size": Int(1), "model.drop_path": Float(0, high=1),
     "model.pretrained_file": Spec("str", nullable=True),
-    # router: every router's own options are its module's (moe/registry.py: Router.options, router_spec);
+    # router: every router's own options are declared with the router (router_options.py, router_spec);
     # the shortcut keys are checked where a router uses them
     "router.name": STR, "router.lr_mult": Float(0),
     "search.objectives": Spec("list", item="str"),  # names: search.check
@@ -211,10 +138,8 @@ def inferred(default) -> Spec | None:
 
 
 def router_spec(key: str, config: dict) -> Spec | None:
-    """The spec of ``router.<option>`` as the config's router (moe/registry.py) declares it."""
-    from .moe import registry  # the routers' modules use this module's specs: import at call time
-
-    router = registry.find((config.get("router") or {}).get("name"))
+    """The spec of ``router.<option>`` as the config's router declares it (router_options.declared)."""
+    router = router_options.declared((config.get("router") or {}).get("name"))
     return router.options.get(key.split(".", 1)[1]) if router and key.startswith("router.") else None
 
 

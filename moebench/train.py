@@ -25,7 +25,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from . import checkpoint, distributed, faults, invocation, preflight, probe, resolvers, search, status  # probe: eval.probe after training
-from .build import build_model, check_fits, conf_dir, validate  # noqa: F401 (build_model: tests/test_distributed.py)
+from .build import build_model, check_fits, validate  # noqa: F401 (build_model: tests/test_distributed.py)
+from .preflight import conf_dir
 from .checkpoint import check_resume_config
 from .data import DataError
 from .errors import RecordError, UserError
@@ -184,8 +185,9 @@ def _hydra_main(cfg: DictConfig) -> list[float] | None:
     return None
 
 
-def main(args: list[str]) -> int:
-    """Run the Hydra app with ``args`` as its command line; returns the exit code (status.py)."""
+def main(args: list[str], checked: preflight.Checked | None = None) -> int:
+    """Run the Hydra app with ``args`` as its command line; returns the exit code (status.py).
+    ``checked``: the CLI's checks of ``args`` from the config alone, made before torch was imported."""
     global COMMAND
     resolvers.register()  # conf/train.yaml's ${moebench_*:} (process-wide, so not on import)
     status.clear()
@@ -198,7 +200,7 @@ def main(args: list[str]) -> int:
         refused = None
         try:
             search.prepare_preset(args)  # hydra/sweeper=optuna: moebench's preset (conf/hydra/sweeper/optuna.yaml)
-            COMMAND = preflight.prepare(args, conf_dir(), validate, check_fits)
+            COMMAND = preflight.prepare(args, conf_dir(), validate, check_fits, checked)
             if ranks.is_main:
                 for warning in COMMAND.warnings:
                     print(f"moebench: warning: {warning}", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -202,6 +203,71 @@ def test_a_refusal_in_a_fresh_process_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"moebench: error: {line}"], proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+HEAVY = ("torch", "torchvision", "wandb")
+REFUSED_WITHOUT_TORCH = [
+    ["router=foo"],
+    ["experts=-1"],
+    ["nope=1"],
+    ["data=cifar10", "data.root=/nonexistent/moebench"],
+    ["router=tokens_choice", "k=9", "experts=8"],
+]
+# Runs the refusals in one fresh interpreter and reports, after each, which heavy modules it holds.
+NO_TORCH_HARNESS = r"""
+import contextlib, io, json, sys
+from moebench import cli
+cases, heavy = json.loads(sys.argv[1]), sys.argv[2:]  # (train rewrites sys.argv)
+for args in cases:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(["train", *args])
+    print(json.dumps({"code": code, "stderr": err.getvalue(), "heavy": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def test_a_refusal_of_the_command_line_prints_its_line_before_torch_is_imported(tmp_path):
+    # Importing torch took 9 s at load 4 and 21-32 s at load 8; a refusal waited for it.
+    cases = [[*overrides, *TINY] for overrides in REFUSED_WITHOUT_TORCH]
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_HARNESS, json.dumps(cases), *HEAVY], cwd=tmp_path,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(reports) == len(cases)
+    lines = []
+    for args, report in zip(cases, reports):
+        assert report["code"] == 2, (args, report)
+        assert report["heavy"] == [], (args, report)
+        [line] = report["stderr"].splitlines()
+        lines.append(line)
+    assert lines == [
+        "moebench: error: router=foo is unknown; allowed: dense, experts_choice, soft, tokens_choice",
+        "moebench: error: experts (router.num_experts) must be an int >= 1, got -1",
+        "moebench: error: unknown config key 'nope' (did you mean compile?)",
+        "moebench: error: cifar10 not found in /nonexistent/moebench (no cifar-10-batches-py/ there); set "
+        "data.download=true when online, or point data.root at torchvision's files or at an ImageFolder tree "
+        "(ROOT/train/<class>/, ROOT/test/<class>/)",
+        "moebench: error: k (router.k) must be in [1, experts=8], got 9",
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # a torch import in a fresh process (tens of seconds on a loaded machine)
+def test_the_no_torch_harness_sees_torch_when_a_command_passes_the_checks(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_HARNESS, json.dumps([["--cfg", "job", *TINY]]), *HEAVY],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert json.loads(proc.stdout.splitlines()[-1])["heavy"][:1] == ["torch"], proc.stderr[-3000:]
+
+
+def test_the_router_declarations_checked_before_torch_are_the_registrys():
+    from moebench import router_options
+    from moebench.moe import registry
+
+    assert list(router_options.BUILTIN) == registry.names()  # a refusal lists them in one order either way
+    for name, declared in router_options.BUILTIN.items():
+        router = registry.get(name)
+        assert (router.options, router.check, router.check_sizes) == \
+            (declared.options, declared.check, declared.check_sizes), name
 
 
 def test_a_root_for_data_that_needs_none_is_one_warning(tmp_path):

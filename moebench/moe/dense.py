@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..schema import Int
+from ..router_options import DENSE
 from .base import MoELayer
 from .registry import Router, register
 
@@ -35,7 +35,7 @@ register(Router(
     name="dense",
     # router.mlp_mult: a capacity control, the MLP x mlp_mult wide in the blocks an MoE would replace
     build=lambda dim, hidden_dim, num_tokens, options: DenseMLP(dim, round(hidden_dim * options.get("mlp_mult", 1))),
-    options={"mlp_mult": Int(1)},
+    options=DENSE.options,  # router_options.py
     label=lambda get: [f"MLPx{get('mlp_mult'):g}"] if get("mlp_mult") not in (None, 1, 1.0) else [],
     routed=False, replaces_blocks=lambda options: options.get("mlp_mult", 1) != 1, marker="D", order=3,
 ))

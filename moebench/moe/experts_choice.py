@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..schema import Choice, Int, Positive
+from ..router_options import EXPERTS_CHOICE
 from .capacity import Rounding, compute_capacity
 from .plans import plan_balance, plan_label, plan_metrics, sinkhorn_plan, sorted_descending, sparse_ot_plan
 from .registry import Router, register
-from .sparse import GROUPED_OPTIONS, SparseMoE, flat_token_index
+from .sparse import SparseMoE, flat_token_index
 
 
 class ExpertsChoiceMoE(SparseMoE):
@@ -151,8 +151,7 @@ class ExpertsChoiceMoE(SparseMoE):
 register(Router(
     name="experts_choice",
     build=lambda dim, hidden_dim, num_tokens, options: ExpertsChoiceMoE(dim, hidden_dim, **options),
-    options={**GROUPED_OPTIONS, "assignment": Choice("softmax", "sinkhorn", "sparse_ot", nullable=True),
-             "plan_iterations": Int(1, nullable=True), "plan_lr": Positive(nullable=True)},
+    options=EXPERTS_CHOICE.options,  # router_options.py
     label=lambda get: [f"E{get('num_experts')}", f"C{get('capacity_factor')}"] + plan_label(get),
     marker="^", order=2,
     # The bench's own experts_choice/E= rows time the softmax twin (same groups and capacity): the gap is the plan's cost.

@@ -18,12 +18,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-Options = dict[str, Any]  # a router's config without name and lr_mult (the optimizer's)
+from ..router_options import Options, no_rule, no_size_rule, unknown_router
+
 Get = Callable[[str], Any]  # an option's value by key, None when absent
-
-
-def no_rule(options: Options) -> str | None:
-    return None
 
 
 def never(options: Options) -> bool:
@@ -34,10 +31,10 @@ def never(options: Options) -> bool:
 class Router:
     name: str  # router.name in a config
     build: Callable[[int, int, int, Options], nn.Module]  # (dim, hidden_dim, num_tokens, options) -> layer
-    options: dict = field(default_factory=dict)  # option key -> schema.Spec (type and range)
+    options: dict = field(default_factory=dict)  # option key -> schema.Spec (type and range); built-ins': router_options.py
     label: Callable[[Get], list[str]] = lambda get: []  # arm label words after the name
     check: Callable[[Options], str | None] = no_rule  # cross-key rules: the error line, or None
-    check_sizes: Callable[[Options, int, int], str | None] = lambda options, dim, hidden_dim: None
+    check_sizes: Callable[[Options, int, int], str | None] = no_size_rule
     # rules between the options and the layer's (dim, hidden_dim), when the config knows them: the error line, or None
     routed: bool = True  # False: the dense baseline (no MoE blocks, no experts to shard or upcycle into)
     replaces_blocks: Callable[[Options], bool] = never  # unrouted only: still replaces the MoE blocks' MLPs
@@ -63,7 +60,7 @@ def get(name: str) -> Router:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"router.name={name!r} is unknown; allowed: {', '.join(names())}") from None
+        raise ValueError(unknown_router(name)) from None
 
 
 def find(name: str | None) -> Router | None:

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..schema import BOOL, Choice, Float, Int, Positive, Spec
+from ..router_options import SOFT, SOFT_MODES
 from .base import MoELayer
 from .experts import Experts
 from .metrics import mean_entropy, mean_pairwise_cosine
 from .precision import as_float32, routing_precision
 from .registry import Router, register
 
-MODES = ("soft", "uniform", "identity")
+MODES = SOFT_MODES
 
 
 def l2_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -247,9 +247,7 @@ def _label(get) -> list[str]:
 register(Router(
     name="soft",
     build=lambda dim, hidden_dim, num_tokens, options: SoftMoE(dim, hidden_dim, **options, num_tokens=num_tokens),
-    options={"num_experts": Int(1), "slots_per_expert": Int(1), "slot_factor": Positive(nullable=True),
-             "normalize": BOOL, "scale_init": Float(), "identical_init": BOOL,
-             "dispatch": Choice(*MODES), "combine": Choice(*MODES), "dispatch_normalized": Spec("bool", nullable=True)},
+    options=SOFT.options,  # router_options.py
     label=_label,
     unused_parameters=lambda options: "soft" not in (options["dispatch"], options["combine"]),  # phi unused
     marker="o", order=0,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schema import BOOL, ROUNDING, Float, Int, Positive
+from ..router_options import GROUPED_OPTIONS
 from .base import MoELayer
 from .capacity import Rounding, compute_capacity
 from .experts import Experts
@@ -191,11 +191,6 @@ SPARSE_FIELDS = ("gates", "requested", "processed", "weights")
 def flat_token_index(groups: int, group_tokens: int, device) -> torch.Tensor:
     """Offsets that turn per-group token indices (G, ...) into indices of the flat (G*m) tokens."""
     return torch.arange(groups, device=device).view(groups, 1, 1) * group_tokens
-
-
-# The options Tokens and Experts Choice share (their config schema; registry.Router.options).
-GROUPED_OPTIONS = {"num_experts": Int(1), "capacity_factor": Positive(), "group_size": Int(1), "noise_std": Float(0),
-                   "capacity_rounding": ROUNDING, "identical_init": BOOL}
 
 
 __all__ = ["GROUPED_OPTIONS", "SparseMoE", "SparseRouting", "compute_capacity", "flat_token_index"]

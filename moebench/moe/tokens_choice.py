@@ -6,13 +6,13 @@ import math
 
 import torch
 
-from ..schema import BOOL, Choice, Float, Int, Positive
+from ..router_options import TOKENS_CHOICE, tokens_choice_problem
 from .capacity import Rounding, compute_capacity
 from .experts import SharedExperts
 from .metrics import cv_squared, load_stats
 from .plans import plan_balance, plan_label, plan_metrics, sinkhorn_plan, sorted_descending
 from .registry import Router, register
-from .sparse import GROUPED_OPTIONS, SparseMoE
+from .sparse import SparseMoE
 
 
 def position_in_expert(choices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -125,7 +125,7 @@ class TokensChoiceMoE(SparseMoE):
         bias_rate = 0.0 if bias_rate is None else bias_rate
         shared_experts = 0 if shared_experts is None else shared_experts
         granularity = 1 if granularity is None else granularity
-        problem = options_problem(dict(
+        problem = tokens_choice_problem(dict(
             num_experts=num_experts, k=k, assignment=assignment, gate=gate, routed_scaling=routed_scaling,
             bias_rate=bias_rate, shared_experts=shared_experts, granularity=granularity, load_weight=load_weight,
         ), hidden_dim)
@@ -368,54 +368,6 @@ class TokensChoiceMoE(SparseMoE):
         return f"k={self.k}, bpr={self.bpr}, {plan}{deepseek}" + super().extra_repr()
 
 
-DEFAULTS = {"assignment": "softmax", "gate": "softmax", "routed_scaling": 1.0, "bias_rate": 0.0, "shared_experts": 0,
-            "granularity": 1, "load_weight": 0.005}
-
-
-def options_problem(r, hidden_dim: int | None = None) -> str | None:
-    """The rules between Tokens Choice options (and the expert width, when known): the error line, or None."""
-    r = {**DEFAULTS, **{key: value for key, value in r.items() if value is not None}}
-    experts, k, m, shared = r["num_experts"], r["k"], r["granularity"], r["shared_experts"]
-    if not 1 <= k <= experts:
-        return f"k (router.k) must be in [1, experts={experts}], got {k}"
-    if m < 1:
-        return f"router.granularity must be >= 1, got {m}"
-    if shared < 0 or shared >= k * m:
-        return (f"router.shared_experts={shared} must be in [0, k * granularity = {k * m}): the shared experts "
-                f"(width hidden/granularity each) take that many of a token's {k * m} expert choices, and at least "
-                "one must stay routed")
-    if hidden_dim is not None and hidden_dim % m:
-        return f"router.granularity={m} must divide the expert width (model.mlp_dim={hidden_dim})"
-    if r["gate"] not in ("softmax", "sigmoid"):
-        return f"router.gate must be softmax or sigmoid, got {r['gate']!r}"
-    if r["assignment"] not in ("softmax", "sinkhorn"):
-        return f"router.assignment must be softmax or sinkhorn, got {r['assignment']!r}"
-    if not r["routed_scaling"] > 0:
-        return f"router.routed_scaling must be > 0, got {r['routed_scaling']}"
-    if r["bias_rate"] < 0:
-        return f"router.bias_rate must be >= 0 (0: off), got {r['bias_rate']}"
-    if r["assignment"] == "sinkhorn" and r["gate"] != "softmax":
-        return ("router.gate=sigmoid and router.assignment=sinkhorn do not combine: Sinkhorn Tokens Choice "
-                "weights its pairs by the softmax (Liu et al. 2024)")
-    if r["assignment"] == "sinkhorn" and r["bias_rate"] > 0:
-        return ("router.bias_rate > 0 and router.assignment=sinkhorn do not combine: the transport plan, not "
-                "a biased score, chooses the experts")
-    if r["bias_rate"] > 0 and r["load_weight"]:
-        return (f"router.load_weight={r['load_weight']} with router.bias_rate > 0: V-MoE's load loss is the "
-                "chance of a selection without the bias; set router.load_weight=0 (the bias balances the load)")
-    return None
-
-
-def _check(r) -> str | None:
-    """The rules between options (each option's type and range: the specs below)."""
-    return options_problem(r)
-
-
-def _check_sizes(r, dim: int, hidden_dim: int) -> str | None:
-    """The rule between the options and the expert width: granularity divides it."""
-    return options_problem(r, hidden_dim)
-
-
 def _label(get) -> list[str]:
     words = [f"E{get('num_experts')}", f"k{get('k')}", f"C{get('capacity_factor')}"] + \
         ([] if get("bpr") else ["noBPR"]) + plan_label(get)
@@ -436,14 +388,8 @@ def _label(get) -> list[str]:
 register(Router(
     name="tokens_choice",
     build=lambda dim, hidden_dim, num_tokens, options: TokensChoiceMoE(dim, hidden_dim, **options),
-    options={**GROUPED_OPTIONS, "k": Int(1), "bpr": BOOL, "importance_weight": Float(0), "load_weight": Float(0),
-             "switch_weight": Float(0), "z_loss_weight": Float(0), "assignment": Choice("softmax", "sinkhorn", nullable=True),
-             "plan_iterations": Int(1, nullable=True),
-             # DeepSeek's pieces: null is off (the keys came later; runs made before them pool with null ones)
-             "gate": Choice("softmax", "sigmoid", nullable=True), "routed_scaling": Positive(nullable=True),
-             "bias_rate": Float(0, nullable=True), "shared_experts": Int(0, nullable=True),
-             "granularity": Int(1, nullable=True)},
-    label=_label, check=_check, check_sizes=_check_sizes, marker="s", order=1,
+    options=TOKENS_CHOICE.options, check=TOKENS_CHOICE.check, check_sizes=TOKENS_CHOICE.check_sizes,  # router_options.py
+    label=_label, marker="s", order=1,
     # The bench's own tokens_choice/E= rows time the softmax twin (same k, capacity, no noise): the gap is the plan's
     # cost, or that of DeepSeek's pieces (variant tc_deepseek_e32's router: split 4 ways when the width allows).
     bench=lambda experts, tokens: {
