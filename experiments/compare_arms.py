@@ -2,6 +2,8 @@
 
     python experiments/compare_arms.py results/a/pareto.json "results/b/pareto.json@(4 epochs)" \
         --reference dense --reference "soft E64 p1" [--quality top1] [--markdown OUT]
+    python experiments/compare_arms.py results/a/pareto.json "results/a_randaugment/pareto.json@RandAugment" \
+        --effect-of RandAugment
 
 A sweep's run dirs are not committed, its pareto.json is: it keeps every run's
 arm label, seed, quality and cost. This pools the runs of several files (a run
@@ -89,6 +91,26 @@ def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str,
     return "\n".join(lines) + "\n"
 
 
+def effect_table(arms: dict[str, dict[int, dict]], tag: str, quality: str, only: list[str] | None = None) -> str:
+    """What the files tagged ``tag`` (``FILE@TAG``) change for each arm they share with the untagged
+    files: the paired difference, tagged minus untagged, over the seeds both have, with its 95%
+    interval and the difference of each seed; most negative first."""
+    values = {label: {seed: run[quality] for seed, run in runs.items()} for label, runs in arms.items()}
+    pairs = {label: paired_ci95(values[f"{label} {tag}"], values[label]) for label in values
+             if f"{label} {tag}" in values and (not only or label in only)}
+    if not pairs:
+        sys.exit(f"compare_arms: no arm has both a run tagged {tag!r} and an untagged run; arms: {', '.join(sorted(arms))}")
+    head = ["arm", f"{tag} minus without: {quality} % (paired, 95%)", "per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in sorted(pairs, key=lambda label: (pairs[label][0], label)):
+        diff, half, n = pairs[label]
+        seeds = sorted(set(values[f"{label} {tag}"]) & set(values[label]))
+        mark = "**" if half is not None and abs(diff) > half else ""  # the interval excludes 0
+        lines.append(f"| {label} | {mark}{pct(diff, True)} +- {pct(half)}{mark} ({n}) | "
+                     + ", ".join(pct(values[f"{label} {tag}"][s] - values[label][s], True) for s in seeds) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="pareto.json files of one setup (FILE@TAG: TAG appended to its labels)")
@@ -97,12 +119,22 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--arm", action="append", default=[], help="show only this arm (repeatable; default: all)")
     parser.add_argument("--params", action="store_true", help="add a column of the arms' parameter counts")
+    parser.add_argument("--effect-of", metavar="TAG", help="instead: per arm, runs of the files tagged TAG minus the "
+                        "untagged runs, paired by seed (e.g. FILE@RandAugment)")
     return parser
+
+
+def render(args: argparse.Namespace, files: list[str]) -> str:
+    """The table ``args`` ask for, of the pareto.json ``files``."""
+    arms = pooled_runs(files, args.quality)
+    if args.effect_of:
+        return effect_table(arms, args.effect_of, args.quality, args.arm)
+    return table(arms, args.reference, args.quality, args.arm, args.params)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = arg_parser().parse_args(argv)
-    text = table(pooled_runs(args.files, args.quality), args.reference, args.quality, args.arm, args.params)
+    text = render(args, args.files)
     print(text, end="")
     if args.markdown:
         args.markdown.write_text(text)

@@ -59,8 +59,7 @@ def generate(args: str, page: Path) -> str:
             for spec in parsed.files:  # FILE@TAG: the tag stays, the file is found beside the page
                 path, at, tag = spec.partition("@")
                 files.append(str(page.parent / path) + at + tag)
-            return compare_arms.table(compare_arms.pooled_runs(files, parsed.quality), parsed.reference,
-                                      parsed.quality, parsed.arm, parsed.params)
+            return compare_arms.render(parsed, files)
     except SystemExit as exc:  # argparse's and compare_arms' refusals
         message = exc.code if isinstance(exc.code, str) else " ".join(err.getvalue().strip().splitlines()[-1:])
         raise TableError(f"{page}: table {args!r}: {message}") from None
