@@ -62,6 +62,25 @@ def test_a_table_edited_by_hand_is_caught(tmp_path):
         report_tables.render(page)
 
 
+def test_the_recipes_result_tables_are_generated_not_typed():
+    # Recipes 2-5 and recipe 11's paired RandAugment table were typed by hand from these records once.
+    recipes = REPO / "experiments" / "recipes"
+    for page in ("02-soft-experts.md", "03-soft-slots.md", "04-soft-ablations.md", "05-bpr.md"):
+        assert "<!-- table: " in (recipes / page).read_text(), page
+    assert (recipes / "11-two-datasets-randaugment.md").read_text().count("--effect-of RandAugment -->") == 2
+
+
+def test_an_effect_table_pairs_the_tagged_runs_with_the_untagged_by_seed(tmp_path):
+    results = REPO / "experiments" / "results"
+    args = f"{results}/cifar10_routers/pareto.json {results}/cifar10_randaugment/pareto.json@RA --effect-of RA"
+    table = report_tables.generate(args, tmp_path / "page.md").splitlines()
+    assert table[0] == "| arm | RA minus without: top1 % (paired, 95%) | per seed |"
+    # dense, seed by seed: its run with RandAugment minus its run without
+    assert "| dense | **-4.94 +- 2.42** (3) | -4.11, -4.69, -6.01 |" in table
+    with pytest.raises(report_tables.TableError, match="no arm has both"):
+        report_tables.generate(f"{results}/cifar10_routers/pareto.json --effect-of RA", tmp_path / "page.md")
+
+
 def test_every_relative_link_in_the_markdown_resolves():
     broken = []
     for page in markdown_files():
