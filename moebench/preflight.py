@@ -136,9 +136,11 @@ def check_router(config: dict) -> None:
     the same lines (the rules with the model's sizes wait for validate, after the model's own)."""
     name = config["router"].get("name")
     router = router_options.declared(name)
-    if router is None:
+    if router is None:  # not a built-in declared there: the registry has the last word, at torch's price
         plugins.load()  # a router of MOEBENCH_PLUGINS, when called without the CLI (which loaded them)
-        router = router_options.declared(name)
+        from .moe import registry
+
+        router = registry.find(name)
     if router is None:
         raise ConfigError(router_options.unknown_router(name))
     problem = router.check({key: value for key, value in config["router"].items() if key not in ("name", "lr_mult")})
