@@ -81,6 +81,15 @@ def test_an_effect_table_pairs_the_tagged_runs_with_the_untagged_by_seed(tmp_pat
         report_tables.generate(f"{results}/cifar10_routers/pareto.json --effect-of RA", tmp_path / "page.md")
 
 
+def test_a_redrawn_picture_is_titled_with_its_setup_and_the_counts_of_its_records():
+    import json
+
+    import replot
+
+    summary = json.loads((REPO / "experiments" / "results" / "tinyimagenet_all_arms" / "pareto.json").read_text())
+    assert replot.title_of(summary, "Tiny-ImageNet-200") == "Tiny-ImageNet-200 (15 arms, 3-6 seeds each)"
+
+
 def test_every_relative_link_in_the_markdown_resolves():
     broken = []
     for page in markdown_files():
