@@ -68,6 +68,14 @@ def test_the_recipes_result_tables_are_generated_not_typed():
     for page in ("02-soft-experts.md", "03-soft-slots.md", "04-soft-ablations.md", "05-bpr.md"):
         assert "<!-- table: " in (recipes / page).read_text(), page
     assert (recipes / "11-two-datasets-randaugment.md").read_text().count("--effect-of RandAugment -->") == 2
+    typed = []  # a table in compare_arms' own shape outside a generated block is a copy someone typed
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted(recipes.glob("*.md"))]:
+        generated = False
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            generated = line.startswith("<!-- table: ") or (generated and not line.startswith("<!-- /table"))
+            if not generated and line.startswith("|") and "% (mean +- 95%)" in line:
+                typed.append(f"{page.relative_to(REPO)}:{number}")
+    assert not typed, typed
 
 
 def test_an_effect_table_pairs_the_tagged_runs_with_the_untagged_by_seed(tmp_path):
