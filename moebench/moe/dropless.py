@@ -6,20 +6,23 @@ in one of two ways, both without a Python loop over experts:
 
 - ``grouped``: ``torch._grouped_mm`` over the sorted rows, one contiguous run of rows per
   expert. It computes exactly one expert MLP per pair: no padding, FLOPs = the useful work.
-  It needs float32/bf16/fp16 and rows of a multiple of 16 bytes (dim and hidden width
-  multiples of 8 cover every case), and plain ``Experts`` (not sharded).
+  It needs float32/bf16/fp16 on CPU (bf16 on a Hopper GPU), rows of a multiple of 16 bytes
+  (dim and hidden width multiples of 8 cover every case), and plain ``Experts`` (not sharded).
 - ``padded``: the rows scattered into (E, max load, d) buffers, one ``baddbmm`` over the stacked
   weights (``Experts.forward``, so expert parallelism's ``ShardedExperts`` works too). Rows past
   an expert's load read token 0 and are never combined (their gradient is exactly 0); they are
   computed, and ``FlopCounterMode`` counts them: padded FLOPs = E * max load rows.
 
 Measured on this project's CPU (2 cores shared with training, 1 thread, ViT-Ti widths d=192,
-h=768, forward + backward of the expert part, one run each): N=4096 tokens, E=32, k=1 (max/mean
-load 1.20): grouped 1.44 s, padded 1.56 s (padded/grouped 1.09); k=2: 0.94; E=128, k=3 (max/mean
-1.38): 1.28; d=64, h=256, N=1024: 1.07. Padding costs in proportion to max/mean load, which a
-router early in training (or ReMoE's varying number of experts per token) makes large; the
-grouped matmul's cost does not depend on it. So ``grouped`` is the default wherever it runs
-(``select_matmul``), ``padded`` the fallback (float64, odd widths, sharded experts) and a choice.
+h=768, forward + backward, one run each). The expert part alone, N=4096 tokens: E=32, k=1
+(max/mean load 1.20): grouped 1.44 s, padded 1.56 s (padded/grouped 1.09); k=2: 0.94; E=128,
+k=3 (max/mean 1.38): 1.28; d=64, h=256, N=1024: 1.07. The whole layer in ``moebench bench``
+(E=32, k=1, 32 images x 64 tokens): grouped 768 ms, padded 953 ms (1.24; FLOPs 1.43x dense's
+against 1.02x), capacity Tokens Choice at C=1 705 ms. Padding costs in proportion to max/mean
+load, which a router early in training (or ReMoE's varying number of experts per token) makes
+large; the grouped matmul's cost does not depend on it. So ``grouped`` is the default wherever
+it runs (``select_matmul``), ``padded`` the fallback (float64, odd widths, sharded experts) and
+a choice.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ def grouped_runs(experts, x: torch.Tensor) -> bool:
         return False
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else experts.w1.dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.device.type == "cuda" and (dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
+        return False  # CUDA's kernel: bf16 on Hopper or later (untested here; CPU is what this project measured)
+    if x.device.type not in ("cpu", "cuda"):
         return False
     align = 128 // torch.finfo(dtype).bits  # elements per 16 bytes
     return experts.dim % align == 0 and experts.hidden_dim % align == 0
