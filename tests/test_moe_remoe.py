@@ -79,10 +79,15 @@ def test_gates_and_penalty_by_hand():
 
 
 def test_a_token_without_a_positive_gate_outputs_zero():
-    layer = hand_layer().eval()
+    """No positive gate in the whole batch: zeros out, and the experts still get a (zero) gradient, as DDP
+    expects of every parameter."""
+    layer = hand_layer().train()
     track_routing(layer)
     y = layer(-torch.ones(1, 3, 4))
     assert torch.equal(y, torch.zeros(1, 3, 4)) and layer.metrics["tokens_0_experts"].item() == 1.0
+    (y.sum() + layer.aux_loss).backward()
+    for name, p in layer.experts.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
 
 
 # ----------------------------------------------------------------------------- lambda

@@ -105,8 +105,10 @@ def _padded(experts, x: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, int]:
 def expert_rows(experts, x: torch.Tensor, pairs: Pairs, matmul: str) -> tuple[torch.Tensor, float]:
     """Every pair's expert output (A, d), in pair order, under the caller's autocast; and the share of the
     computed rows that were padding (0 for the grouped matmul)."""
-    if pairs.token.numel() == 0:
-        return x.new_zeros(0, x.shape[-1]), 0.0
+    if pairs.token.numel() == 0:  # (ReMoE: no positive gate in the batch) the experts still get a gradient, of
+        # zeros: data-parallel training expects one for every parameter at every step
+        untouched = sum(p.sum() for p in experts.parameters()) * 0
+        return x.new_zeros(0, x.shape[-1]) + untouched, 0.0
     if matmul == "grouped":
         return _grouped(experts, x.index_select(0, pairs.token), pairs), 0.0
     out, load = _padded(experts, x, pairs)
