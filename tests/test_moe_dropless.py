@@ -199,3 +199,23 @@ def test_a_bad_dropless_value_is_one_line_from_the_cli(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["moebench: error: router.dropless must be true or false or null, got 3"]
     assert "Traceback" not in proc.stdout and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # dynamo tracing on 2 busy cores
+def test_torch_compile_runs_the_dropless_expert_call_eagerly():
+    """Under torch.compile (the eager backend: no C++ build) dropless Tokens Choice and ReMoE give the eager
+    outputs; the expert call itself stays eager (data-dependent shapes; the grouped matmul's meta kernel refuses
+    float32), and ReMoE's training forwards still count their gates for lambda."""
+    from moebench.moe import ReMoE, update_l1_coefficient
+
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    for layer in (dropless(16, 32, 4, k=2, noise_std=0.0), ReMoE(16, 32, 4, k=1)):
+        compiled = torch.compile(layer, backend="eager")
+        x = torch.randn(4, 6, 16)
+        y = compiled(x)
+        (y.sum() + layer.aux_loss).backward()
+        torch.testing.assert_close(y, layer(x))
+    assert layer.take_gate_counts()[1] == 2 * 4 * 6 * 4  # both training forwards counted
+    layer(x)
+    assert update_l1_coefficient(layer) == 1

@@ -102,6 +102,9 @@ def _padded(experts, x: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, int]:
     return out.reshape(num_experts * load, dim).index_select(0, slot), load
 
 
+# Eager under torch.compile: the shapes are data-dependent, and the grouped matmul's meta kernel (what tracing
+# runs) refuses float32, which the CPU kernel computes.
+@torch.compiler.disable
 def expert_rows(experts, x: torch.Tensor, pairs: Pairs, matmul: str) -> tuple[torch.Tensor, float]:
     """Every pair's expert output (A, d), in pair order, under the caller's autocast; and the share of the
     computed rows that were padding (0 for the grouped matmul)."""
