@@ -51,6 +51,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .allocator import allocator_tuning_applied
+from .cost import CUSTOM_FLOPS
 from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, registry, track_routing
 from .moe.experts import Experts
 
@@ -254,7 +255,7 @@ def interleaved(cases: dict[str, Callable[[], float]], repeats: int, warmup: int
 
 
 def fwd_bwd_flops(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
         y = layer(x)
         (y * grad).sum().add(layer.aux_loss).backward()
     layer.zero_grad(set_to_none=True)
@@ -263,7 +264,7 @@ def fwd_bwd_flops(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
 
 
 def forward_flops(layer: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
         layer(x.detach())
     return counter.get_total_flops()
 

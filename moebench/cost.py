@@ -36,6 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .allocator import release_free_memory
 from .moe import track_routing
+from .moe.dropless import grouped_mm_flops
 
 _aten = torch.ops.aten
 
@@ -45,8 +46,11 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU one, which it
-# would count as 0; give it the same formula (QK^T and AV matmuls).
+# would count as 0; give it the same formula (QK^T and AV matmuls). Nor does it know
+# the grouped matmul of the dropless routers (moe/dropless.py): 2 per multiply-add too.
 CUSTOM_FLOPS = {_aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+if hasattr(_aten, "_grouped_mm"):
+    CUSTOM_FLOPS[_aten._grouped_mm] = grouped_mm_flops
 
 
 def flops_per_image(model: torch.nn.Module, example: torch.Tensor) -> float:

@@ -27,7 +27,7 @@ from .checkpoint import check_resume_config, checkpoint_path
 from .data import Loader
 from .errors import CheckpointError, ConfigError, RecordError
 from .moe import collect_aux_loss, collect_diagnostics, collect_metrics, track_routing
-from .moe import discard_balancing_load, update_balancing_bias
+from .moe import discard_balancing_load, discard_gate_counts, update_balancing_bias, update_l1_coefficient
 from .moe import count_parameters, expert_parallel_parameters, shard_experts
 from .preemption import StopRequest
 from .progress import TrainProgress, announce_run
@@ -302,11 +302,13 @@ def fit(run: RunState, stopper: StopRequest) -> None:
                     run.skipped_steps += 1
                     run.optimizer.zero_grad(set_to_none=True)
                     discard_balancing_load(run.model)  # a skipped step moves no balancing bias either
+                    discard_gate_counts(run.model)  # nor ReMoE's L1 coefficient
                     log.warning("step %d: non-finite loss or gradient: skipped (%d of train.skip_nonfinite_steps=%d)",
                                 run.step + 1, run.skipped_steps, cfg.train.skip_nonfinite_steps)
                 else:
                     run.optimizer.step()
                     update_balancing_bias(run.model)  # aux-loss-free routers: the step's load, summed over ranks
+                    update_l1_coefficient(run.model)  # ReMoE: the step's sparsity, summed over ranks
                     run.last_finite_loss = task_loss.item()
                 if run.device.type == "cuda":
                     torch.cuda.synchronize()

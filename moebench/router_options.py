@@ -92,7 +92,8 @@ TOKENS_CHOICE = Declared(
      # DeepSeek's pieces: null is off (the keys came later; runs made before them pool with null ones)
      "gate": Choice("softmax", "sigmoid", nullable=True), "routed_scaling": Positive(nullable=True),
      "bias_rate": Float(0, nullable=True), "shared_experts": Int(0, nullable=True),
-     "granularity": Int(1, nullable=True)},
+     "granularity": Int(1, nullable=True),
+     "dropless": Spec("bool", nullable=True)},  # null: capacity (MegaBlocks' dropless path when true)
     check=lambda r: tokens_choice_problem(r),
     check_sizes=lambda r, dim, hidden_dim: tokens_choice_problem(r, hidden_dim),  # granularity divides the width
 )
@@ -102,8 +103,26 @@ EXPERTS_CHOICE = Declared({**GROUPED_OPTIONS, "assignment": Choice("softmax", "s
 
 DENSE = Declared({"mlp_mult": Int(1)})
 
+
+def remoe_problem(r: Options) -> str | None:
+    """The rules between ReMoE's options: the error line, or None."""
+    experts, k = r["num_experts"], r["k"]
+    if not 1 <= k < experts:
+        return (f"k (router.k) must be in [1, experts={experts}) for remoe: the target sparsity 1 - k/experts "
+                f"must lie in (0, 1), got k={k}")
+    if r.get("l1_init") is not None and not r["l1_init"] > 0:
+        return f"router.l1_init must be > 0 (lambda only ever multiplies), got {r['l1_init']}"
+    if r.get("l1_factor") is not None and not r["l1_factor"] > 1:
+        return f"router.l1_factor must be > 1 (lambda's step up or down), got {r['l1_factor']}"
+    return None
+
+
+REMOE = Declared({"num_experts": Int(1), "k": Int(1), "l1_init": Positive(), "l1_factor": Positive(),
+                  "identical_init": BOOL}, check=remoe_problem)
+
 # In the registry's order (Router.order), so that a refusal lists them as it does after torch is loaded.
-BUILTIN = {"soft": SOFT, "tokens_choice": TOKENS_CHOICE, "experts_choice": EXPERTS_CHOICE, "dense": DENSE}
+BUILTIN = {"soft": SOFT, "tokens_choice": TOKENS_CHOICE, "experts_choice": EXPERTS_CHOICE, "dense": DENSE,
+           "remoe": REMOE}
 
 
 def _registry():

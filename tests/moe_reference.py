@@ -113,7 +113,8 @@ def tokens_choice(layer, x: torch.Tensor):
     fine-grained experts; routers-since-2023.md section 2): scores are the softmax or the sigmoid of
     the logits; each token's top-k experts are chosen by score + bias; BPR serves tokens by their top
     score + bias; a kept choice weighs its score (sigmoid: divided by the sum of the k chosen scores)
-    times routed_scaling; shared experts add their output to every token."""
+    times routed_scaling; shared experts add their output to every token. Dropless (MegaBlocks): no
+    capacity, every choice is served."""
     batch, tokens, d = x.shape
     out = torch.zeros_like(x)
     dropped = set()
@@ -123,6 +124,8 @@ def tokens_choice(layer, x: torch.Tensor):
     for group in groups_of(batch, layer.group_size):
         members = [(b, t) for b in group for t in range(tokens)]  # example-major token order
         cap = capacity(len(members), layer.num_experts, layer.capacity_factor, layer.k, layer.capacity_rounding)
+        if getattr(layer, "dropless", False):
+            cap = len(members)  # an expert can take every token of the group: no choice is ever dropped
         logits = {bt: layer.gate.weight @ x[bt] for bt in members}
         scores = {bt: torch.sigmoid(logits[bt]) if sigmoid else torch.softmax(logits[bt], 0) for bt in members}
         select = {bt: [float(scores[bt][e].detach()) + float(bias[e]) for e in range(layer.num_experts)] for bt in members}
@@ -235,6 +238,8 @@ def sinkhorn_tokens_choice(layer, x: torch.Tensor):
     for group in groups_of(batch, layer.group_size):
         members = [(b, t) for b in group for t in range(tokens)]
         cap = capacity(len(members), layer.num_experts, layer.capacity_factor, layer.k, layer.capacity_rounding)
+        if getattr(layer, "dropless", False):
+            cap = len(members)
         logits = torch.stack([layer.gate.weight @ x[bt] for bt in members])
         plan = sinkhorn(logits.detach(), layer.plan_iterations)
         gates = {bt: torch.softmax(logits[i], 0) for i, bt in enumerate(members)}
@@ -267,3 +272,24 @@ def plan_experts_choice(layer, x: torch.Tensor):
                 picks[bt] += 1
                 out[bt] = out[bt] + gates[i, e] * expert(layer.experts, e, x[bt])
     return out, picks
+
+
+def remoe(layer, x: torch.Tensor):
+    """ReMoE (Wang et al. 2025) on the whole batch, one token and one expert at a time: gate
+    g_e = max(0, w_e . x); every expert with g_e > 0 adds g_e * expert_e(x). Returns (output, the
+    load-balanced L1 penalty E / (k N^2) * sum_e (sum_t g_te) * #{t: g_te > 0})."""
+    batch, tokens, d = x.shape
+    out = torch.zeros_like(x)
+    experts, n = layer.num_experts, batch * tokens
+    gate_sums = [x.new_zeros(()) for _ in range(experts)]
+    counts = [0] * experts
+    for b in range(batch):
+        for t in range(tokens):
+            for e in range(experts):
+                g = torch.relu(layer.gate.weight[e] @ x[b, t])
+                gate_sums[e] = gate_sums[e] + g
+                if g > 0:
+                    counts[e] += 1
+                    out[b, t] = out[b, t] + g * expert(layer.experts, e, x[b, t])
+    penalty = sum(gate_sums[e] * counts[e] for e in range(experts)) * experts / (layer.k * n * n)
+    return out, penalty

@@ -12,7 +12,7 @@ import torch
 from conftest import ENV, REPO, SPARSE, TINY, metric_lines, moebench, result, train  # noqa: F401 (re-exported)
 
 
-@pytest.mark.parametrize("router", ["soft", "tokens_choice", "experts_choice", "dense"])
+@pytest.mark.parametrize("router", ["soft", "tokens_choice", "experts_choice", "remoe", "dense"])
 def test_each_router_trains_and_records_cost_and_quality(tmp_path, router):
     proc, run_dir = train(tmp_path, f"router={router}", *SPARSE.get(router, []))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -24,13 +24,14 @@ def test_each_router_trains_and_records_cost_and_quality(tmp_path, router):
                 "infer_images_per_s", "infer_ms_per_image", "peak_memory_mb"):
         assert cost[key] > 0, key
     assert cost["params_active"] <= cost["params_total"]
-    if router in ("tokens_choice", "experts_choice"):
-        assert cost["params_active"] < cost["params_total"]  # a token sees 1 of 4 experts
+    if router in ("tokens_choice", "experts_choice", "remoe"):
+        assert cost["params_active"] < cost["params_total"]  # a token sees 1 of 4 experts (ReMoE: in expectation)
     assert 0.0 <= res["quality"]["top1"] <= 1.0 and "top5" in res["quality"]
     lines = metric_lines(run_dir)
     assert any("test/top1" in line for line in lines)
     routing = {key for line in lines for key in line if key.startswith("routing/")}
-    expected = {"soft": "combine_entropy", "tokens_choice": "dropped", "experts_choice": "tokens_0_experts"}
+    expected = {"soft": "combine_entropy", "tokens_choice": "dropped", "experts_choice": "tokens_0_experts",
+                "remoe": "l1_coeff"}
     if router == "dense":
         assert not routing
     else:

@@ -49,6 +49,12 @@ def test_bench_reports_every_ratio_and_imports_peers_from_a_directory(tmp_path):
     # width 16 (8 tokens x 16 images in groups of 8: the capacities divide); the 4x wider gate adds 2 d 8 (4 - 1) per token
     deepseek, plain = rows["tokens_choice_deepseek/E=8"], rows["tokens_choice/E=8"]
     assert deepseek["fwd_bwd_gflop"] - plain["fwd_bwd_gflop"] == pytest.approx(3 * 16 * 8 * 2 * 8 * 8 * 3 / 1e9)
+    # dropless at k=1 against capacity at C=1 (the capacities divide): the grouped matmul does the same matmul work,
+    # padding to the largest load adds its padded rows; ReMoE times its layer at the target sparsity
+    dropless = rows["tokens_choice_dropless_grouped/E=8"]
+    assert dropless["fwd_bwd_gflop"] == pytest.approx(plain["fwd_bwd_gflop"])
+    assert rows["tokens_choice_dropless_padded/E=8"]["fwd_bwd_gflop"] >= dropless["fwd_bwd_gflop"]
+    assert {"remoe_grouped/E=8", "remoe_padded/E=8"} <= set(rows)
     assert "peer_st_moe_pytorch/E=8" not in rows  # absent from the directory: skipped with a note
     assert any("st-moe-pytorch" in note for note in result["notes"])
     assert rows["dense"]["time_ratio_to_dense"] == 1.0 and rows["dense"]["flop_ratio_to_dense"] == 1.0

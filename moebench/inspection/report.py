@@ -289,8 +289,9 @@ def _training_pictures(tmp, record, metrics_path: Path) -> None:
                 "Over training, from metrics.jsonl (mean of the logged steps of each epoch): per-expert load "
                 "statistics (load_cv, load_max_over_mean; drops / coverage), routing entropies "
                 "(gate_entropy; Soft MoE dispatch_entropy, combine_entropy) and, for Tokens Choice with "
-                "router.bias_rate, the balancing bias's trajectory (bias_min, bias_max, bias_spread), one line per "
-                "MoE layer.")
+                "router.bias_rate, the balancing bias's trajectory (bias_min, bias_max, bias_spread); for ReMoE the "
+                "realised sparsity, experts per token and the L1 coefficient (sparsity, experts_per_token, "
+                "l1_coeff); one line per MoE layer.")
 
 
 def index_page(record: dict, cfg: dict) -> str:

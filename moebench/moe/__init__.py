@@ -12,7 +12,8 @@ running sums (``True``: every forward, e.g. on test data), and
 ``collect_diagnostics(model)`` measures the weights (similarity of experts
 and slots: do they diverge?). Tokens Choice with ``bias_rate`` > 0 balances its
 load with a bias instead of a loss: call ``update_balancing_bias(model)``
-after each optimizer step (it sums the load over torch.distributed ranks)::
+after each optimizer step (it sums the load over torch.distributed ranks); ReMoE adapts its L1
+coefficient the same way, with ``update_l1_coefficient(model)`` after each step::
 
     from moebench.moe import SoftMoE, collect_aux_loss, collect_metrics, track_routing
     mlp = SoftMoE(dim=192, hidden_dim=768, num_experts=128)
@@ -51,6 +52,7 @@ from .dense import DenseMLP
 from .experts import Experts, SharedExperts
 from .experts_choice import ExpertsChoiceMoE
 from .parallel import ShardedExperts, expert_parallel_parameters, shard_experts
+from .remoe import ReMoE, discard_gate_counts, update_l1_coefficient
 from . import registry  # routers by name: each router's module registers itself (registry.Router)
 from .registry import Router, register
 from .soft import SoftMoE, SoftRouting
@@ -58,10 +60,11 @@ from .sparse import SparseMoE, SparseRouting
 from .tokens_choice import TokensChoiceMoE, position_in_expert
 
 __all__ = [
-    "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "Router", "ShardedExperts", "SoftMoE", "SoftRouting",
-    "SharedExperts", "SparseMoE", "SparseRouting", "TokensChoiceMoE",
+    "DenseMLP", "Experts", "ExpertsChoiceMoE", "MoELayer", "ReMoE", "Router", "ShardedExperts", "SoftMoE",
+    "SoftRouting", "SharedExperts", "SparseMoE", "SparseRouting", "TokensChoiceMoE",
     "collect_aux_loss", "collect_diagnostics", "collect_metrics", "compute_capacity", "count_parameters",
-    "discard_balancing_load", "expert_parallel_parameters", "matmul_kernel_names",
+    "discard_balancing_load", "discard_gate_counts", "expert_parallel_parameters", "matmul_kernel_names",
     "position_in_expert", "register", "registry",
-    "shard_experts", "track_routing", "tune_cpu_allocator", "update_balancing_bias", "weight_decay_split",
+    "shard_experts", "track_routing", "tune_cpu_allocator", "update_balancing_bias", "update_l1_coefficient",
+    "weight_decay_split",
 ]

@@ -8,10 +8,12 @@ import torch
 
 from ..router_options import TOKENS_CHOICE, tokens_choice_problem
 from .capacity import Rounding, compute_capacity
+from .dropless import MATMULS, combine_rows, expert_rows, select_matmul, sort_pairs
 from .experts import SharedExperts
 from .metrics import cv_squared, load_stats
 from .plans import plan_balance, plan_label, plan_metrics, sinkhorn_plan, sorted_descending
 from .registry import Router, register
+from .precision import as_float32, routing_precision
 from .sparse import SparseMoE
 
 
@@ -89,6 +91,14 @@ class TokensChoiceMoE(SparseMoE):
       DeepSeek-V3, rather than DeepSeekMoE's mN - K_s, which would turn E*m = 128 into 127 and
       round every capacity up). ``num_experts``, ``k`` and the metrics then count routed
       fine-grained experts.
+
+    ``dropless=True`` is dropless Tokens Choice (MegaBlocks, arXiv 2211.15841; routers-since-2023.md
+    section 2): the same choices and gate values, but no capacity: every one of the k choices per token
+    is processed (``capacity_factor``, ``capacity_rounding`` and ``bpr`` then change nothing; the
+    metric ``dropped`` reads 0). The batch's choices are sorted by expert and run in one dropless
+    expert call (``dropless.py``: ``torch._grouped_mm`` by default, exactly tokens * k expert rows;
+    ``dropless_matmul="padded"`` pads every expert to the largest load). The groups still set what
+    the auxiliary losses average over. Routing metrics add ``padding``, the share of padded rows.
     """
 
     def __init__(
@@ -115,6 +125,8 @@ class TokensChoiceMoE(SparseMoE):
         bias_rate: float | None = 0.0,
         shared_experts: int | None = 0,
         granularity: int | None = 1,
+        dropless: bool | None = False,
+        dropless_matmul: str | None = None,
     ):
         # None (a config's null: the keys came later, and runs made before them pool with null ones) is the
         # option's default
@@ -125,6 +137,7 @@ class TokensChoiceMoE(SparseMoE):
         bias_rate = 0.0 if bias_rate is None else bias_rate
         shared_experts = 0 if shared_experts is None else shared_experts
         granularity = 1 if granularity is None else granularity
+        dropless = bool(dropless)
         problem = tokens_choice_problem(dict(
             num_experts=num_experts, k=k, assignment=assignment, gate=gate, routed_scaling=routed_scaling,
             bias_rate=bias_rate, shared_experts=shared_experts, granularity=granularity, load_weight=load_weight,
@@ -141,6 +154,9 @@ class TokensChoiceMoE(SparseMoE):
         self.assignment, self.plan_iterations = assignment, plan_iterations
         self.gate_function, self.routed_scaling = gate, routed_scaling
         self.bias_rate, self.granularity, self.num_shared = bias_rate, granularity, shared_experts
+        if dropless_matmul not in (None, *MATMULS):
+            raise ValueError(f"dropless_matmul must be grouped, padded or None, got {dropless_matmul!r}")
+        self.dropless, self.dropless_matmul = dropless, dropless_matmul
         self.loss_weights = {
             "importance": importance_weight, "load": load_weight, "switch": switch_weight, "z": z_loss_weight,
         }
@@ -186,9 +202,10 @@ class TokensChoiceMoE(SparseMoE):
                 top_gate = top_gate / top_gate.sum(-1, keepdim=True)
         return gates, top_score, top_expert, top_gate
 
-    def route(self, x: torch.Tensor):
-        groups, m, dim = x.shape
-        experts, k, capacity = self.num_experts, self.k, self.capacity(m)
+    def choose(self, x: torch.Tensor):
+        """Every token's choices for one part (G, m, d): (logits, noisy logits, gates, combine gates, the plan or
+        None, top selection scores, top experts, their gate values), the last three (G, m, k)."""
+        k = self.k
         logits, noisy = self.logits(x)
         plan = None
         if self.assignment == "sinkhorn":
@@ -202,6 +219,14 @@ class TokensChoiceMoE(SparseMoE):
             combine_gates = gates
         if self.routed_scaling != 1.0:
             top_gate = top_gate * self.routed_scaling
+        return logits, noisy, gates, combine_gates, plan, top_score, top_expert, top_gate
+
+    def route(self, x: torch.Tensor):
+        if self.dropless:
+            return None, self.route_dropless(x)
+        groups, m, dim = x.shape
+        experts, k, capacity = self.num_experts, self.k, self.capacity(m)
+        logits, noisy, gates, combine_gates, plan, top_score, top_expert, top_gate = self.choose(x)
 
         if self.bpr:
             order = torch.argsort(top_score[..., 0].detach(), dim=1, descending=True, stable=True)
@@ -237,6 +262,17 @@ class TokensChoiceMoE(SparseMoE):
         if plan is not None and self.tracking:
             state["plan_balance"] = plan_balance(plan)
         return buffers, state
+
+    def route_dropless(self, x: torch.Tensor) -> dict:
+        """One part's choices without capacity: every choice is kept (no BPR: nothing is dropped)."""
+        logits, noisy, gates, combine_gates, plan, _, top_expert, top_gate = self.choose(x)
+        state = {"weight": top_gate, "gates": combine_gates, "kept": torch.ones_like(top_expert, dtype=torch.bool),
+                 "choices": top_expert}
+        if self.computes_losses:
+            state["losses"] = self.aux_losses(logits, noisy, gates, top_expert[..., 0])
+        if plan is not None and self.tracking:
+            state["plan_balance"] = plan_balance(plan)
+        return state
 
     def routed_pairs(self, state: dict):
         """Per token and expert (G, m, E): gates, chosen, processed (chosen and not dropped), weights."""
@@ -326,10 +362,34 @@ class TokensChoiceMoE(SparseMoE):
         return aux, metrics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
+        y = self.dropless_forward(x) if self.dropless else super().forward(x)
         if self.shared is not None:  # under the caller's autocast, as the routed experts
             y = y + self.shared(x)
         return y
+
+    def dropless_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every choice processed (MegaBlocks): the parts' choices sorted by expert, one dropless expert call."""
+        batch, tokens, dim = x.shape
+        with routing_precision(x):
+            x32 = as_float32(x)
+            states = [self.route_dropless(part) for part in self.parts(x32)]
+            choices = torch.cat([s["choices"].reshape(-1, self.k) for s in states])  # the parts in batch order
+            weight = torch.cat([s["weight"].reshape(-1, self.k) for s in states])
+            token = torch.arange(choices.shape[0], device=x.device).repeat_interleave(self.k)
+            pairs = sort_pairs(token, choices.reshape(-1), weight.reshape(-1), self.num_experts)
+            flat = x32.reshape(batch * tokens, dim)
+        out, padding = expert_rows(self.experts, flat, pairs, select_matmul(self.dropless_matmul, self.experts, x))
+        with routing_precision(x):
+            y = combine_rows(flat, as_float32(out), pairs).view(batch, tokens, dim)
+            if self.computes_losses:
+                self.aux_loss, metrics = self.summarize(states)
+            else:
+                self.aux_loss, metrics = x32.new_zeros(()), {}
+            if self.tracking:
+                self.record_metrics({**metrics, "padding": x32.new_tensor(padding)})
+            else:
+                self.metrics = {}
+        return y.to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True):
         """``to``/``cuda``/``half``...: the bias follows the device but stays float32 (or wider) in a bf16 or fp16
@@ -364,13 +424,14 @@ class TokensChoiceMoE(SparseMoE):
         deepseek = "".join(f"{name}={value!r}, " for name, value, default in (
             ("gate", self.gate_function, "softmax"), ("routed_scaling", self.routed_scaling, 1.0),
             ("bias_rate", self.bias_rate, 0.0), ("granularity", self.granularity, 1),
-            ("shared_experts", self.num_shared, 0)) if value != default)
+            ("shared_experts", self.num_shared, 0), ("dropless", self.dropless, False)) if value != default)
         return f"k={self.k}, bpr={self.bpr}, {plan}{deepseek}" + super().extra_repr()
 
 
 def _label(get) -> list[str]:
-    words = [f"E{get('num_experts')}", f"k{get('k')}", f"C{get('capacity_factor')}"] + \
-        ([] if get("bpr") else ["noBPR"]) + plan_label(get)
+    # dropless: no capacity, and no drop for BPR to order
+    words = [f"E{get('num_experts')}", f"k{get('k')}"] + (["dropless"] if get("dropless") else (
+        [f"C{get('capacity_factor')}"] + ([] if get("bpr") else ["noBPR"]))) + plan_label(get)
     # DeepSeek's pieces, each only when not its default (older labels stay as they were)
     if get("gate") not in (None, "softmax"):
         words.append(get("gate"))
@@ -397,5 +458,9 @@ register(Router(
             d, h, experts, k=1, capacity_factor=1.0, noise_std=0.0, assignment="sinkhorn"),
         f"tokens_choice_deepseek/E={experts}": lambda d, h: TokensChoiceMoE(
             d, h, experts, k=1, capacity_factor=1.0, noise_std=0.0, gate="sigmoid", bias_rate=0.001, load_weight=0.0,
-            importance_weight=0.0, granularity=math.gcd(h, 4), shared_experts=1 if h % 2 == 0 else 0)},
+            importance_weight=0.0, granularity=math.gcd(h, 4), shared_experts=1 if h % 2 == 0 else 0),
+        # dropless against the bench's capacity-based tokens_choice/E= rows (same k, no noise): each expert call
+        **{f"tokens_choice_dropless_{matmul}/E={experts}": (lambda matmul: lambda d, h: TokensChoiceMoE(
+            d, h, experts, k=1, capacity_factor=1.0, noise_std=0.0, dropless=True, dropless_matmul=matmul))(matmul)
+           for matmul in MATMULS}},
 ))
