@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Recipe 15 (issue 28): today's language-model routers in vision at CPU scale, on CIFAR-10 and Tiny-ImageNet-200.
+#
+#   experiments/modern_routers.sh run CIFAR10_ROOT TINYIMAGENET_ROOT [LANES]   # every run, resumable
+#   experiments/modern_routers.sh report                                       # frontiers, tables, diagnostics
+#
+# A root given as - skips that dataset. Arms (3 seeds each, at the setup of recipes 1 and 11,
+# FLOPs per image matched to top-1 Tokens Choice over 32 experts):
+#   deepseek        variant=tc_deepseek_e32: sigmoid gate, aux-loss-free bias, 32 experts split 4 ways, 1 shared
+#   and its ablations, each piece removed alone:
+#   -sigmoid        the softmax gate (DeepSeek-V2's: not renormalised)
+#   -bias           no selection bias; V-MoE's importance and load losses with gate noise balance instead
+#                   (tc_e32_k1's settings: the baseline's way to balance, not none)
+#   -shared         no shared expert (4 routed choices of 128)
+#   -fine           neither split nor shared expert (top-1 of 32; a shared expert needs the split at k=1)
+#   dropless        variant=tc_e32_k1_dropless: V-MoE's Tokens Choice without capacity
+#   remoe           variant=remoe_e32: ReLU gates, L1 penalty towards sparsity 1 - 1/32
+# pooled with the committed runs of the same setup: dense, Tokens Choice (V-MoE), Experts Choice
+# (recipes 1 and 11) and Soft MoE at logit scale 8 (recipes 7 and 11).
+# Expected runtime on 2 CPU cores: 25-35 minutes per CIFAR-10 or Tiny-ImageNet run at one thread
+# (recipe 14's runs, measured 2026-12-01); 42 runs in about 10 hours with 2 lanes.
+set -euo pipefail
+here=$(dirname "$0")
+out=multirun/modern_routers
+res=$here/results
+arms=(
+  "deepseek variant=tc_deepseek_e32"
+  "deepseek-sigmoid variant=tc_deepseek_e32 router.gate=softmax"
+  "deepseek-bias variant=tc_deepseek_e32 router.bias_rate=null router.importance_weight=0.005 router.load_weight=0.005 router.noise_std=1.0"
+  "deepseek-shared variant=tc_deepseek_e32 router.shared_experts=0"
+  "deepseek-fine variant=tc_deepseek_e32 router.granularity=1 router.shared_experts=0"
+  "dropless variant=tc_e32_k1_dropless"
+  "remoe variant=remoe_e32"
+)
+case ${1:-} in
+run)
+  cifar=${2:?CIFAR-10 root (an ImageFolder tree or torchvision files), or - to skip it}
+  tiny=${3:?Tiny-ImageNet-200 root (made by tinyimagenet.sh), or - to skip it}
+  for data in "cifar10 experiment=cifar10 data.root=$cifar" "tinyimagenet experiment=tinyimagenet data.root=$tiny"; do
+    read -r name overrides <<< "$data"
+    [ "${overrides##*=}" = - ] && continue
+    for s in 0 1 2; do
+      for arm in "${arms[@]}"; do echo "$name $s $arm $overrides"; done
+    done
+  done | "$here/run_queue.sh" "$out" "${4:-2}"
+  ;;
+report)
+  moebench=${MOEBENCH:-moebench}
+  python=${PYTHON:-python}
+  soft="soft E64 p1 scale8"
+  tc="tokens_choice E32 k1 C1.0"
+  ec="experts_choice E32 C1.0"
+  for d in cifar10 tinyimagenet; do
+    compgen -G "$out/$d/s*/[0-9]*_*/result.json" > /dev/null || { echo "no runs in $out/$d: skipped"; continue; }
+    "$moebench" pareto "$out/$d"/s* --out "$out/$d" --wandb-mode disabled > "$out/$d.pareto.txt"
+    if [ "$d" = cifar10 ]; then
+      # data.name=imagefolder of the committed runs reads the same tree the same way (recipe 14)
+      pooled=(--same-data cifar10=imagefolder "$res/cifar10_routers/pareto.json:dense,$tc,$ec"
+              "$res/cifar10_scale_grid/pareto.json:$soft")
+      title="CIFAR-10 (experiment=cifar10, 3 epochs)"
+    else
+      pooled=("$res/tinyimagenet_routers/pareto.json:dense,$soft" "$res/tinyimagenet_routers2/pareto.json:$tc,$ec")
+      title="Tiny-ImageNet-200 (experiment=tinyimagenet, 3 epochs)"
+    fi
+    "$python" "$here/pool_frontier.py" --out "$res/modern_routers_$d" --title "$title: today's LM routers, Soft MoE and dense" \
+      "${pooled[@]}" "$out/$d/pareto.json"
+    "$python" "$here/compare_arms.py" "$res/modern_routers_$d/pareto.json" --reference "$tc" --reference "$soft"
+    "$python" "$here/routing_diagnostics.py" "$out/$d"/s*/[0-9]*_*/ --json "$res/modern_routers_$d/routing_diagnostics.json" > /dev/null
+  done
+  ;;
+*) echo "usage: $0 run CIFAR10_ROOT TINYIMAGENET_ROOT [LANES] | $0 report" >&2; exit 2 ;;
+esac
