@@ -18,6 +18,8 @@ script the numbers.
     python experiments/report_tables.py PAGE.md ...
 
 A new recipe's table (e.g. recipe 14) is one comment line in its page, then one run of this script.
+A line whose first word is a kind of record_tables.py (``search-pareto``, ``soft-init-diagnostics``)
+is drawn by that kind from the files named after it instead.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # compare_arms.py is a script beside this one, not a package module
 import compare_arms  # noqa: E402
+import record_tables  # noqa: E402
 
 REPO = HERE.parent
 START = re.compile(r"^<!-- table: (?P<args>.*) -->$")
@@ -52,6 +55,13 @@ def default_pages() -> list[Path]:
 def generate(args: str, page: Path) -> str:
     """The table compare_arms prints for ``args`` (paths relative to ``page``'s directory)."""
     words = shlex.split(args)
+    if words and words[0] in record_tables.KINDS:  # a table of other records than compare_arms' arms
+        try:
+            return record_tables.KINDS[words[0]](*(page.parent / word for word in words[1:]))
+        except (record_tables.RecordError, TypeError) as exc:
+            raise TableError(f"{page}: table {args!r}: {exc}") from None
+        except OSError as exc:
+            raise TableError(f"{page}: table {args!r}: {exc.filename}: {exc.strerror}") from None
     try:
         with contextlib.redirect_stderr(io.StringIO()) as err:
             parsed = compare_arms.arg_parser().parse_args(words)

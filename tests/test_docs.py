@@ -89,6 +89,27 @@ def test_an_effect_table_pairs_the_tagged_runs_with_the_untagged_by_seed(tmp_pat
         report_tables.generate(f"{results}/cifar10_routers/pareto.json --effect-of RA", tmp_path / "page.md")
 
 
+def test_recipe_7s_diagnostics_and_recipe_9s_trials_are_generated_and_checked(tmp_path):
+    recipes = REPO / "experiments" / "recipes"
+    assert "<!-- table: soft-init-diagnostics " in (recipes / "07-scale-init-grid.md").read_text()
+    assert "<!-- table: search-pareto " in (recipes / "09-optuna-search.md").read_text()
+    results = REPO / "experiments" / "results"
+    page = tmp_path / "page.md"
+    grid = report_tables.generate(f"soft-init-diagnostics {results}/cifar10_scale_grid/routing_diagnostics.json", page)
+    # the scale-8 cell is named by its variant only; its scale and init come from conf/variant
+    assert "| 8 | one draw | 53.95, 56.16, 54.04 | 0.131-0.168 |" in grid
+    search = f"{results}/cifar10_search"
+    trials = report_tables.generate(f"search-pareto {search}/pareto.json {search}/optimization_results.yaml", page)
+    assert "| 17, 20 | soft E8 p1, lr 0.00184 | 0.0228 | 52.56 | 51.70 |" in trials
+    # a study whose pareto.json and Optuna's solutions disagree is refused, not tabled
+    optuna = tmp_path / "optimization_results.yaml"
+    optuna.write_text((results / "cifar10_search" / "optimization_results.yaml").read_text().replace("0.5418", "0.5481"))
+    with pytest.raises(report_tables.TableError, match="is not .*solutions"):
+        report_tables.generate(f"search-pareto {search}/pareto.json {optuna}", page)
+    with pytest.raises(report_tables.TableError, match="No such file"):
+        report_tables.generate(f"soft-init-diagnostics {tmp_path}/missing.json", page)
+
+
 def test_a_redrawn_picture_is_titled_with_its_setup_and_the_counts_of_its_records():
     import json
 
