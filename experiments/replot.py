@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from moebench.pareto.arms import arm_rows
 from moebench.pareto.plot import plot
 
 
@@ -31,6 +32,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--title", required=True, help="data and setup (the arm and seed counts are appended)")
     args = parser.parse_args(argv)
     summary = json.loads(args.records.read_text())
+    if "arms" not in summary:  # recipes 2-5's records predate the arm summary: rebuilt from their runs
+        summary["runs"] = [{"setup": "", **run} for run in summary["runs"]]
+        summary["arms"] = arm_rows(summary["runs"], summary["cost_axes"], summary["quality"])
     drawn = plot(summary["runs"], summary["arms"], summary["cost_axes"], summary["quality"],
                  args.records.parent / "pareto.png", title=title_of(summary, args.title))
     print(f"wrote {args.records.parent / 'pareto.png'}: {drawn['title']}")
