@@ -129,7 +129,7 @@ def test_every_committed_picture_has_a_command_that_redraws_it_with_a_title_nami
         folder = picture.parent.name
         if folder.startswith("router_study_"):  # recipes 14 and 15 draw theirs with moebench pareto
             continue
-        if not re.match(r"(CIFAR-10|Tiny-ImageNet-200), experiment=", titled.get(folder, "")):
+        if not re.match(r"(CIFAR-10|Tiny-ImageNet-200)[, ]", titled.get(folder, "")):
             missing.append(folder)
     # a picture whose title is its dir name or the clock time is the stale copy this catches
     assert not missing, missing
