@@ -9,8 +9,8 @@
 # multirun/router_study/; re-running this script resumes whatever was cut off (finished runs are
 # kept, a preempted one resumes from its checkpoint).
 # Expected runtime on 2 CPU cores (measured 2026-12-01 on CIFAR-10, two lanes beside other work):
-# CIFAR-10 20-30 minutes per run, 11 runs in about 2.5 hours; Tiny-ImageNet about twice that per
-# run (estimate). Then:  experiments/router_study_report.sh
+# CIFAR-10 13-30 minutes per run, 11 runs in about 2.5 hours; Tiny-ImageNet 26-42 minutes per run
+# (measured 2026-12-01/02), 11 runs in about 3.5 hours. Then:  experiments/router_study_report.sh
 set -euo pipefail
 cifar=${1:?CIFAR-10 root (an ImageFolder tree or torchvision files), or - to skip it}
 tiny=${2:?Tiny-ImageNet-200 root (made by tinyimagenet.sh), or - to skip it}
