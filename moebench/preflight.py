@@ -198,9 +198,16 @@ def prepare(args: list[str], config_dir: str, validate=None, fits=None, checked:
 
 def run_identity(cfg) -> str:
     """What a job trains: its resolved config without the shortcut keys (experts, k, ...), which act
-    only through the router keys they feed. Two jobs with one identity train the same run."""
-    config = schema.flatten(resolve(cfg, quiet=True))
-    return json.dumps({key: value for key, value in config.items() if key not in schema.UNCHECKED},
+    only through the router keys they feed, and without the router options its router ignores at these
+    values (``ignored`` in router_options.py: capacity under ``dropless``). Two jobs with one identity
+    train the same run."""
+    resolved = resolve(cfg, quiet=True)
+    config = schema.flatten(resolved)
+    router = resolved.get("router") or {}
+    declared = router_options.declared(router.get("name")) if isinstance(router, dict) else None
+    ignored = getattr(declared, "ignored", None)  # a plugin router may predate the field
+    inert = {f"router.{key}" for key in ignored(router)} if ignored is not None else set()
+    return json.dumps({key: value for key, value in config.items() if key not in schema.UNCHECKED and key not in inert},
                       sort_keys=True, default=str)
 
 

@@ -28,12 +28,17 @@ def no_size_rule(options: Options, dim: int, hidden_dim: int) -> str | None:
     return None
 
 
+def none_ignored(options: Options) -> tuple[str, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class Declared:
     """The config side of a router (registry.Router carries the same three fields)."""
     options: dict[str, Spec]  # option key -> type and range
     check: Callable[[Options], str | None] = no_rule  # rules between options: the error line, or None
     check_sizes: Callable[[Options, int, int], str | None] = no_size_rule  # and with the layer's (dim, hidden_dim)
+    ignored: Callable[[Options], tuple[str, ...]] = none_ignored  # options these values make inert (duplicate jobs)
 
 
 SOFT_MODES = ("soft", "uniform", "identity")  # Soft MoE's dispatch and combine (the paper's Table 2 ablations)
@@ -85,6 +90,19 @@ def tokens_choice_problem(r: Options, hidden_dim: int | None = None) -> str | No
     return None
 
 
+def tokens_choice_ignored(r: Options) -> tuple[str, ...]:
+    """Tokens Choice's options that change nothing at these values: capacity and BPR order drops, and a
+    dropless layer drops nothing; the plan's iterations matter only to a plan."""
+    ignored = ("capacity_factor", "capacity_rounding", "bpr") if r.get("dropless") else ()
+    return ignored + (("plan_iterations",) if r.get("assignment") in (None, "softmax") else ())
+
+
+def experts_choice_ignored(r: Options) -> tuple[str, ...]:
+    """Experts Choice's plan options outside the plans that read them (Adam's rate: sparse_ot's only)."""
+    assignment = r.get("assignment") or "softmax"
+    return (("plan_iterations",) if assignment == "softmax" else ()) + (("plan_lr",) if assignment != "sparse_ot" else ())
+
+
 TOKENS_CHOICE = Declared(
     {**GROUPED_OPTIONS, "k": Int(1), "bpr": BOOL, "importance_weight": Float(0), "load_weight": Float(0),
      "switch_weight": Float(0), "z_loss_weight": Float(0), "assignment": Choice("softmax", "sinkhorn", nullable=True),
@@ -96,10 +114,12 @@ TOKENS_CHOICE = Declared(
      "dropless": Spec("bool", nullable=True)},  # null: capacity (MegaBlocks' dropless path when true)
     check=lambda r: tokens_choice_problem(r),
     check_sizes=lambda r, dim, hidden_dim: tokens_choice_problem(r, hidden_dim),  # granularity divides the width
+    ignored=tokens_choice_ignored,
 )
 
 EXPERTS_CHOICE = Declared({**GROUPED_OPTIONS, "assignment": Choice("softmax", "sinkhorn", "sparse_ot", nullable=True),
-                           "plan_iterations": Int(1, nullable=True), "plan_lr": Positive(nullable=True)})
+                           "plan_iterations": Int(1, nullable=True), "plan_lr": Positive(nullable=True)},
+                          ignored=experts_choice_ignored)
 
 DENSE = Declared({"mlp_mult": Int(1)})
 

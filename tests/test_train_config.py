@@ -191,3 +191,26 @@ def test_jobs_that_differ_only_in_keys_their_router_ignores_are_named_before_the
         f"{sweep} router=dense; each repeats the first, and moebench pareto counts them as one run"]
     command = preflight.prepare(["-m", "experiment=smoke", "router=soft,tokens_choice", "experts=4,8", sweep], conf_dir())
     assert command.warnings == []  # every job its own run
+
+
+def test_jobs_that_differ_only_in_options_a_setting_makes_inert_are_named_before_the_sweep(tmp_path):
+    # dropless Tokens Choice has no capacity (nothing to drop, nothing for BPR to order): a sweep over
+    # capacity_factor or bpr trains one run several times; with capacity, each job is its own run.
+    from moebench import preflight
+    from moebench.build import conf_dir
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    command = preflight.prepare(["-m", "experiment=smoke", "router=tokens_choice", "router.dropless=true",
+                                 "router.capacity_factor=1.0,2.0", sweep], conf_dir())
+    assert len(command.warnings) == 1 and command.warnings[0].startswith("2 jobs train the same run")
+    assert "router.capacity_factor changes nothing" in command.warnings[0]
+    command = preflight.prepare(["-m", "experiment=smoke", "router=tokens_choice", "router.dropless=true",
+                                 "router.bpr=true,false", sweep], conf_dir())
+    assert "router.bpr changes nothing" in command.warnings[0]
+    command = preflight.prepare(["-m", "experiment=smoke", "router=tokens_choice", "router.capacity_factor=1.0,2.0",
+                                 sweep], conf_dir())
+    assert command.warnings == []
+    # Experts Choice's plan_lr reaches only the sparse_ot plan
+    command = preflight.prepare(["-m", "experiment=smoke", "router=experts_choice", "router.plan_lr=0.01,0.1",
+                                 "router.assignment=sinkhorn,sparse_ot", sweep], conf_dir())
+    assert len(command.warnings) == 1 and command.warnings[0].startswith("2 jobs train the same run")
+    assert "(router.plan_lr=0.01 | router.plan_lr=0.1): router.plan_lr changes nothing" in command.warnings[0]

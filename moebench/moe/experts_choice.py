@@ -151,7 +151,7 @@ class ExpertsChoiceMoE(SparseMoE):
 register(Router(
     name="experts_choice",
     build=lambda dim, hidden_dim, num_tokens, options: ExpertsChoiceMoE(dim, hidden_dim, **options),
-    options=EXPERTS_CHOICE.options,  # router_options.py
+    options=EXPERTS_CHOICE.options, ignored=EXPERTS_CHOICE.ignored,  # router_options.py
     label=lambda get: [f"E{get('num_experts')}", f"C{get('capacity_factor')}"] + plan_label(get),
     marker="^", order=2,
     # The bench's own experts_choice/E= rows time the softmax twin (same groups and capacity): the gap is the plan's cost.

@@ -36,6 +36,8 @@ class Router:
     check: Callable[[Options], str | None] = no_rule  # cross-key rules: the error line, or None
     check_sizes: Callable[[Options, int, int], str | None] = no_size_rule
     # rules between the options and the layer's (dim, hidden_dim), when the config knows them: the error line, or None
+    ignored: Callable[[Options], tuple[str, ...]] = lambda options: ()
+    # options that change nothing at these values (e.g. capacity when dropless): jobs differing only there repeat a run
     routed: bool = True  # False: the dense baseline (no MoE blocks, no experts to shard or upcycle into)
     replaces_blocks: Callable[[Options], bool] = never  # unrouted only: still replaces the MoE blocks' MLPs
     unused_parameters: Callable[[Options], bool] = never  # a forward may leave parameters without gradient (DDP)

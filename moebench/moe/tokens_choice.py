@@ -450,6 +450,7 @@ register(Router(
     name="tokens_choice",
     build=lambda dim, hidden_dim, num_tokens, options: TokensChoiceMoE(dim, hidden_dim, **options),
     options=TOKENS_CHOICE.options, check=TOKENS_CHOICE.check, check_sizes=TOKENS_CHOICE.check_sizes,  # router_options.py
+    ignored=TOKENS_CHOICE.ignored,
     label=_label, marker="s", order=1,
     # The bench's own tokens_choice/E= rows time the softmax twin (same k, capacity, no noise): the gap is the plan's
     # cost, or that of DeepSeek's pieces (variant tc_deepseek_e32's router: split 4 ways when the width allows).
