@@ -18,6 +18,7 @@ from test_cli import ENV, metric_lines, moebench, result
 
 import moebench as moebench_package
 from moebench.moe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, expert_parallel_parameters, shard_experts
+from moebench.moe.remoe import ReMoE
 
 WORLD = 2
 DIM, HIDDEN, TOKENS, BATCH = 8, 16, 6, 8
@@ -29,7 +30,17 @@ CASES = [
     ("tokens_choice uneven", lambda: TokensChoiceMoE(DIM, HIDDEN, 8, k=1, group_size=1, capacity_factor=0.5,
                                                      noise_std=0.0, bpr=False), (3, 5)),
     ("experts_choice", lambda: ExpertsChoiceMoE(DIM, HIDDEN, 4, capacity_factor=1.0, group_size=2), (4, 4)),
+    # dropless: each rank pads its experts to its own largest load, so the exchanged row counts differ
+    ("tokens_choice dropless", lambda: TokensChoiceMoE(DIM, HIDDEN, 4, k=2, group_size=1, noise_std=0.0,
+                                                       dropless=True), (3, 5)),
+    # ReMoE's penalty is a rank's own (the authors' code), not a mean over groups: lambda 0 here leaves the outputs
+    ("remoe", lambda: without_penalty(ReMoE(DIM, HIDDEN, 4, k=1)), (3, 5)),
 ]
+
+
+def without_penalty(layer: ReMoE) -> ReMoE:
+    layer.l1_coeff.zero_()
+    return layer
 
 
 def check_case(rank: int, make, split) -> None:
