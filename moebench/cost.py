@@ -57,6 +57,12 @@ def flops_per_image(model: torch.nn.Module, example: torch.Tensor) -> float:
     """Forward FLOPs per image at inference, as ``FlopCounterMode`` counts them:
     matmuls, convolutions and attention at 2 FLOPs per multiply-add; element-wise
     ops (softmax, GELU, norms, gathers) count 0."""
+    return flops_by_module(model, example)[""]
+
+
+def flops_by_module(model: torch.nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """``flops_per_image`` of the model ("") and of each submodule that counts any, by its name in
+    ``model.named_modules()``."""
     was_training = model.training
     model.eval()
     try:
@@ -64,7 +70,11 @@ def flops_per_image(model: torch.nn.Module, example: torch.Tensor) -> float:
             model(example)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() / example.shape[0]
+    per_image = {"": counter.get_total_flops() / example.shape[0]}
+    for path, ops in counter.get_flop_counts().items():  # "Global", then "ClassName.sub.name"
+        if path != "Global":
+            per_image[path.partition(".")[2]] = sum(ops.values()) / example.shape[0]
+    return per_image
 
 
 # Training compute: a training step costs about three forwards (the backward computes two
@@ -72,10 +82,18 @@ def flops_per_image(model: torch.nn.Module, example: torch.Tensor) -> float:
 TRAIN_FLOPS_PER_FORWARD = 3.0
 
 
-def train_gflops_total(gflops_per_image: float, images: int) -> float:
+def train_gflops_total(gflops_per_image: float, images: int, model: torch.nn.Module | None = None,
+                       module_flops: dict[str, float] | None = None) -> float:
     """GFLOPs of training on ``images`` images: 3 x the inference forward FLOPs per image x images
-    (evaluation passes and routing differences between training and inference left out)."""
-    return TRAIN_FLOPS_PER_FORWARD * gflops_per_image * images
+    (evaluation passes and routing differences between training and inference left out). Layers whose
+    cost moves during training (ReMoE's sparsity: ``trained_forward_flops``) count what their training
+    forwards did in place of ``images`` x their FLOPs per image now (``module_flops``, from
+    ``flops_by_module``)."""
+    forward = gflops_per_image * 1e9 * images
+    for name, layer in (model.named_modules() if model is not None else ()):
+        if hasattr(layer, "trained_forward_flops"):
+            forward += layer.trained_forward_flops() - (module_flops or {}).get(name, 0.0) * images
+    return TRAIN_FLOPS_PER_FORWARD * forward / 1e9
 
 
 def _sync(device: torch.device) -> None:

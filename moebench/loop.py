@@ -436,11 +436,9 @@ def measure(run: RunState) -> dict:
     """The trained model's cost, and the final record."""
     if not run.last_eval:  # resumed a run that had already finished: measure it as it is
         run.last_eval = evaluate(run.model, run.test_loader, run.device, run.autocast, run.ranks)
-    measured = measure_cost(run.cfg, run.model, run.data, run.norm, run.params, run.throughput, run.device, run.ranks)
-    if measured is not None:  # training compute: what --include-init-cost adds an init run's to
-        images = run.step * run.cfg.data.batch_size
-        measured.update(train_images=images,
-                        train_gflops_total=cost.train_gflops_total(measured["gflops_per_image"], images))
+    images = run.step * run.cfg.data.batch_size  # training compute: what --include-init-cost adds an init run's to
+    measured = measure_cost(run.cfg, run.model, run.data, run.norm, run.params, run.throughput, run.device, run.ranks,
+                            train_images=images)
     return {**record_so_far(run), "cost": measured}
 
 
@@ -473,8 +471,10 @@ def save_checkpoint(run_dir: Path, is_best: bool, ranks: distributed.Ranks, ckpt
                               "the previous checkpoint is intact") from None
 
 
-def measure_cost(cfg, model, data, norm, params, throughput, device, ranks: distributed.Ranks) -> dict | None:
-    """Cost of the trained model as one process serves it (rank 0 measures, the others wait)."""
+def measure_cost(cfg, model, data, norm, params, throughput, device, ranks: distributed.Ranks,
+                 train_images: int = 0) -> dict | None:
+    """Cost of the trained model as one process serves it (rank 0 measures, the others wait), and of its
+    training on ``train_images`` images."""
     if expert_parallel_parameters(model):  # measure the unsharded model: same weights, no collectives
         state = model.state_dict()  # a collective: every rank gathers
         if ranks.is_main:
@@ -489,10 +489,13 @@ def measure_cost(cfg, model, data, norm, params, throughput, device, ranks: dist
                                          drop_last=False, **norm)))  # a training batch, for its memory
         timed = {"warmup": cfg.cost.warmup, "repeats": cfg.cost.repeats, "precision": cfg.precision,
                  "compiled": torch.compile(model) if cfg.compile else None}  # served as it was trained
+        module_flops = cost.flops_by_module(model, example)
         measured = {
             "params_total": params["total"],
             "params_active": params["active"],
-            "gflops_per_image": cost.flops_per_image(model, example) / 1e9,
+            "gflops_per_image": module_flops[""] / 1e9,
+            "train_images": train_images,
+            "train_gflops_total": cost.train_gflops_total(module_flops[""] / 1e9, train_images, model, module_flops),
             "train_images_per_s": throughput.images_per_s,
             **cost.measure_inference(model, example, **timed),
             "latency_ms": cost.measure_inference(model, example[:1], **timed)["infer_ms_per_image"],

@@ -23,6 +23,39 @@ def test_flops_per_image_counts_matmuls_per_image_and_restores_mode():
     assert model.training
 
 
+def test_training_compute_counts_what_remoe_training_forwards_did():
+    # ReMoE's cost falls as its gates sparsify: the training FLOPs are those of the training forwards,
+    # not 3 x the final forward's per image x images (a fresh layer passes about half its gates).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moebench.cost import CUSTOM_FLOPS, flops_by_module, train_gflops_total
+    from moebench.moe import ReMoE, update_l1_coefficient
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), ReMoE(8, 16, 4, k=1)).train()
+    counted, images = 0.0, 0
+    for step in range(3):
+        x = torch.randn(2 + step, 6, 8)
+        with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
+            y = model(x)  # the training forward (3x: its backward, which cost.py counts as two forwards)
+        y.sum().backward()
+        counted += counter.get_total_flops()
+        images += x.shape[0]
+        update_l1_coefficient(model)
+        with torch.no_grad():  # move the gates: the final forward's cost differs from the training ones'
+            model[1].gate.weight.sub_(0.3)
+    example = torch.randn(5, 6, 8)
+    module_flops = flops_by_module(model, example)
+    assert module_flops["0"] == 2 * 8 * 8 * 6 and module_flops[""] > module_flops["1"] > 0
+    naive = train_gflops_total(module_flops[""] / 1e9, images)
+    exact = train_gflops_total(module_flops[""] / 1e9, images, model, module_flops)
+    assert exact != pytest.approx(naive)
+    assert exact == pytest.approx(3 * counted / 1e9, rel=1e-12)
+    # the counts are state: float64 in a half model, carried by the state dict
+    state = model.half().state_dict()
+    assert state["1.trained_gates"].dtype == torch.float64 and state["1.trained_gates"][1] == images * 6 * 4
+
+
 def test_cpu_attention_is_counted():
     q = torch.randn(1, 2, 6, 8)
     attention = type("A", (nn.Module,), {"forward": lambda self, x: nn.functional.scaled_dot_product_attention(x, x, x)})

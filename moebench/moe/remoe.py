@@ -22,7 +22,10 @@ the code divides then). Evaluation forwards count nothing and move nothing. lamb
 parameter: in ``state_dict``, float32 in a bf16 model (as the code keeps it).
 
 FLOPs: the gate (2 d E per token) plus 4 d h per processed (token, expert) pair: k experts per token in
-expectation at the target sparsity; ``gflops_per_image`` measures the trained model's actual count.
+expectation at the target sparsity; ``gflops_per_image`` measures the trained model's actual count. Training
+costs more early on (a fresh layer passes half its gates): the buffer ``trained_gates`` counts the gates
+of the training steps, and ``trained_forward_flops()`` turns them into the FLOPs that the training compute
+(``cost.train_gflops_total``) counts for this layer.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class ReMoE(MoELayer):
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.experts = Experts(num_experts, dim, hidden_dim, identical_init=identical_init)
         self.register_buffer("l1_coeff", torch.tensor(float(l1_init)))  # persistent: checkpoints carry lambda
+        # (positive gates, gates) of every counted training forward so far, summed over ranks: the training
+        # compute, which moves with the sparsity (half the experts per token at the start, k at the target)
+        self.register_buffer("trained_gates", torch.zeros(2, dtype=torch.float64))
         self._gate_counts: torch.Tensor | None = None  # (positive gates, gates) since the last lambda update
 
     def active_expert_fraction(self) -> float:
@@ -132,6 +138,14 @@ class ReMoE(MoELayer):
         counts, self._gate_counts = self._gate_counts, None
         return torch.zeros(2, dtype=torch.float64, device=self.l1_coeff.device) if counts is None else counts
 
+    def trained_forward_flops(self) -> float:
+        """The forward FLOPs of the training steps so far (``trained_gates``), counted as ``FlopCounterMode`` counts
+        this layer: the gate, 2 d per gate, and 4 d h per processed (token, expert) pair (the grouped matmul's
+        rows; the padded fallback's padding rows are left out)."""
+        positive, gates = (float(v) for v in self.trained_gates)
+        d, h = self.experts.dim, self.experts.hidden_dim
+        return 2.0 * d * gates + 4.0 * d * h * positive
+
     @torch.no_grad()
     def apply_sparsity(self, sparsity: float) -> None:
         """lambda <- lambda * factor^sign(target - sparsity)."""
@@ -159,12 +173,14 @@ class ReMoE(MoELayer):
 
     def _apply(self, fn, recurse: bool = True):
         """The coefficient follows the device but stays float32 (or wider) in a bf16 or fp16 model: 1.2x steps
-        from 1e-8 must not round."""
-        coeff = self._buffers["l1_coeff"]
+        from 1e-8 must not round. The training counts stay float64."""
+        coeff, counts = self._buffers["l1_coeff"], self._buffers["trained_gates"]
         out = super()._apply(fn, recurse)
         moved = self._buffers["l1_coeff"]
         if moved.dtype not in (torch.float32, torch.float64):
             self._buffers["l1_coeff"] = coeff.to(device=moved.device, dtype=torch.float32)
+        # the counts stay float64 whatever the model's dtype: float32 is exact only to 2^24 gates
+        self._buffers["trained_gates"] = counts.to(device=self._buffers["trained_gates"].device, dtype=torch.float64)
         return out
 
     def extra_repr(self) -> str:
@@ -186,14 +202,16 @@ def update_l1_coefficient(model: nn.Module, group=None) -> int:
     layers = [layer for _, layer in moe_layers(model) if getattr(layer, "adapts_l1", False)]
     if not layers:
         return 0
-    counts = sum(layer.take_gate_counts().to(layers[0].l1_coeff.device) for layer in layers)
+    per_layer = torch.stack([layer.take_gate_counts().to(layers[0].l1_coeff.device) for layer in layers])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(counts, group=group)
+        dist.all_reduce(per_layer, group=group)
+    counts = per_layer.sum(0)
     if counts[1] == 0:
         return 0
     sparsity = 1.0 - float(counts[0] / counts[1])
-    for layer in layers:
+    for layer, layer_counts in zip(layers, per_layer):
         layer.apply_sparsity(sparsity)
+        layer.trained_gates += layer_counts.to(layer.trained_gates)
     return len(layers)
 
 
