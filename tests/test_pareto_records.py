@@ -29,3 +29,16 @@ def test_the_check_sees_a_changed_number_and_a_changed_label(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "pareto.json").write_text(json.dumps(relabelled))
     assert any("E99" in line for line in check_pareto_records.check(tmp_path / "b" / "pareto.json"))
+
+
+def test_a_csv_of_rows_with_different_keys_keeps_every_column(tmp_path):
+    # pooled records of different ages: a newer run records a cost an older one lacks
+    import csv
+
+    from moebench.pareto import write_csv
+
+    write_csv([{"label": "old", "top1": 0.5}, {"label": "new", "top1": 0.6, "train_gflops_total": 12.0}],
+              tmp_path / "rows.csv")
+    rows = list(csv.DictReader((tmp_path / "rows.csv").open()))
+    assert rows == [{"label": "old", "top1": "0.5", "train_gflops_total": ""},
+                    {"label": "new", "top1": "0.6", "train_gflops_total": "12.0"}]

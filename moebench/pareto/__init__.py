@@ -66,8 +66,9 @@ def sweep_lock(out_dir: Path):
 
 def write_csv(rows: list[dict], path: Path) -> None:
     buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    if rows:  # every key of every row (pooled records of different ages carry different ones), in first-seen order
+        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)),
+                                lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({key: ";".join(map(str, value)) if isinstance(value, list) else value
