@@ -65,7 +65,9 @@ report)
     "$python" "$here/pool_frontier.py" --out "$res/modern_routers_$d" --title "$title: today's LM routers, Soft MoE and dense" \
       "${pooled[@]}" "$out/$d/pareto.json"
     "$python" "$here/compare_arms.py" "$res/modern_routers_$d/pareto.json" --reference "$tc" --reference "$soft"
-    "$python" "$here/routing_diagnostics.py" "$out/$d"/s*/[0-9]*_*/ --json "$res/modern_routers_$d/routing_diagnostics.json" > /dev/null
+    finished=()  # runs still training have no result.json (nor, at first, a checkpoint) yet
+    for f in "$out/$d"/s*/[0-9]*_*/result.json; do finished+=("$(dirname "$f")"); done
+    "$python" "$here/routing_diagnostics.py" "${finished[@]}" --json "$res/modern_routers_$d/routing_diagnostics.json" > /dev/null
   done
   ;;
 *) echo "usage: $0 run CIFAR10_ROOT TINYIMAGENET_ROOT [LANES] | $0 report" >&2; exit 2 ;;

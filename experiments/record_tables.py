@@ -4,6 +4,7 @@ report_tables.py calls these when a table line starts with their kind:
 
     <!-- table: search-pareto ../results/cifar10_search/pareto.json ../results/cifar10_search/optimization_results.yaml -->
     <!-- table: soft-init-diagnostics ../results/cifar10_scale_grid/routing_diagnostics.json -->
+    <!-- table: router-diagnostics ../results/modern_routers_cifar10/routing_diagnostics.json -->
 
 search-pareto: the study's Pareto set (best validation top-1 up, GFLOPs per image down) from
 its pareto.json, one row per distinct result with the trials that gave it; refused unless
@@ -13,6 +14,9 @@ soft-init-diagnostics: recipe 7's routing health per (logit scale at init, exper
 the range over seeds of each figure routing_diagnostics.py wrote. A run named only by its
 variant (recipe 7's scale-8 cell, ``variant=soft_e64_s8_onedraw``) takes its scale and init
 from that variant's file in conf/variant.
+
+router-diagnostics: a study's routing health per arm (as moebench pareto labels it): the range over seeds of load, drops, the selection bias's spread and ReMoE's experts per token, as
+routing_diagnostics.py wrote them.
 """
 
 from __future__ import annotations
@@ -96,4 +100,30 @@ def soft_init_diagnostics(records: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-KINDS = {"search-pareto": search_pareto, "soft-init-diagnostics": soft_init_diagnostics}
+ROUTER_DIAGNOSTICS = ("dropped", "load_max_over_mean", "load_cv", "bias_spread", "experts_per_token",
+                      "tokens_0_experts")
+
+
+def router_diagnostics(records: Path) -> str:
+    """Per arm, the range over seeds of each routing figure its runs logged at their last step, averaged
+    over the MoE blocks (routing_diagnostics.py); - where the router logs no such figure."""
+    arms: dict[str, list[dict]] = {}
+    for run in json.loads(records.read_text()):
+        if "label" not in run:
+            raise RecordError(f"{records}: written before routing_diagnostics.py recorded each run's arm; re-run it")
+        arms.setdefault(run["label"], []).append(run)
+    head = ["arm", "seeds", "top-1 % per seed", *ROUTER_DIAGNOSTICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, runs in sorted(arms.items(), key=lambda item: -sum(r["top1"] for r in item[1]) / len(item[1])):
+        runs.sort(key=lambda r: r["seed"])
+        cells = [arm, ", ".join(str(r["seed"]) for r in runs), ", ".join(f"{100 * r['top1']:.2f}" for r in runs)]
+        for name in ROUTER_DIAGNOSTICS:
+            values = [r["routing_last_step"][name] for r in runs if name in r["routing_last_step"]]
+            cells.append("-" if not values else f"{min(values):.3g}" if min(values) == max(values)
+                         else f"{min(values):.3g}-{max(values):.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+KINDS = {"search-pareto": search_pareto, "soft-init-diagnostics": soft_init_diagnostics,
+         "router-diagnostics": router_diagnostics}

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from moebench.moe import collect_diagnostics
+from moebench.pareto.records import read_run
 from moebench.runs import load_run
 
 
@@ -38,8 +39,11 @@ def per_key_mean(values: dict[str, float]) -> dict[str, float]:
 
 def diagnose(run_dir: Path) -> dict:
     run = load_run(run_dir)
+    record = read_run(run_dir)
     return {
         "run": str(run_dir),
+        "label": record.label,  # the run's arm, as moebench pareto names it
+        "seed": record.get("seed"),
         "routing_last_step": per_key_mean(last_routing_metrics(run_dir)),
         "weights": per_key_mean(collect_diagnostics(run.model)),
         "top1": (run.result or {}).get("quality", {}).get("top1"),

@@ -5,6 +5,8 @@ The checks read Markdown and configs only (no training), so they run in the defa
 
 from __future__ import annotations
 
+import json
+
 import os
 import re
 import shlex
@@ -108,6 +110,23 @@ def test_recipe_7s_diagnostics_and_recipe_9s_trials_are_generated_and_checked(tm
         report_tables.generate(f"search-pareto {search}/pareto.json {optuna}", page)
     with pytest.raises(report_tables.TableError, match="No such file"):
         report_tables.generate(f"soft-init-diagnostics {tmp_path}/missing.json", page)
+
+
+def test_a_router_diagnostics_table_gives_each_arms_range_over_seeds(tmp_path):
+    def run(label, seed, top1, **routing):
+        return {"run": f"s{seed}/x", "label": label, "seed": seed, "top1": top1, "routing_last_step": routing}
+    records = tmp_path / "routing_diagnostics.json"
+    records.write_text(json.dumps([
+        run("tc bias", 1, 0.52, dropped=0.30, load_max_over_mean=1.8, load_cv=0.2, bias_spread=0.4),
+        run("tc bias", 0, 0.50, dropped=0.34, load_max_over_mean=1.8, load_cv=0.3, bias_spread=0.5),
+        run("remoe", 0, 0.55, load_max_over_mean=1.2, load_cv=0.1, experts_per_token=1.1, tokens_0_experts=0.05)]))
+    table = report_tables.generate(f"router-diagnostics {records}", tmp_path / "page.md").splitlines()
+    assert table[2:] == [  # best mean first; seeds in order; a figure the router does not log is -
+        "| remoe | 0 | 55.00 | - | 1.2 | 0.1 | - | 1.1 | 0.05 |",
+        "| tc bias | 0, 1 | 50.00, 52.00 | 0.3-0.34 | 1.8 | 0.2-0.3 | 0.4-0.5 | - | - |"]
+    records.write_text(json.dumps([{k: v for k, v in run("a", 0, 0.5).items() if k != "label"}]))
+    with pytest.raises(report_tables.TableError, match="re-run it"):
+        report_tables.generate(f"router-diagnostics {records}", tmp_path / "page.md")
 
 
 def test_a_redrawn_picture_is_titled_with_its_setup_and_the_counts_of_its_records():
