@@ -119,6 +119,33 @@ def test_a_redrawn_picture_is_titled_with_its_setup_and_the_counts_of_its_record
     assert replot.title_of(summary, "Tiny-ImageNet-200") == "Tiny-ImageNet-200 (15 arms, 3-6 seeds each)"
 
 
+def test_replot_rebuilds_the_arms_of_records_that_predate_them_and_counts_in_the_singular(tmp_path, capsys):
+    """Recipes 2-5's pareto.json hold runs without "arms" (made before the arm summary): replot.py
+    rebuilds the arms from the runs (the seeds of one label are one arm) and leaves the records alone."""
+    import json
+
+    import replot
+
+    def run(label: str, router: str, seed: int, top1: float, gflops: float) -> dict:
+        return {"run": f"{label}/seed={seed}", "label": label, "router": router, "seed": seed,
+                "gflops_per_image": gflops, "params_total": int(1e6 * gflops), "top1": top1}
+
+    records = tmp_path / "old_sweep" / "pareto.json"
+    records.parent.mkdir()
+    records.write_text(json.dumps({"quality": "top1", "cost_axes": ["gflops_per_image", "params_total"], "runs": [
+        run("dense", "dense", 0, 0.50, 0.03), run("dense", "dense", 1, 0.52, 0.03), run("soft E8", "soft", 0, 0.55, 0.04),
+    ], "skipped": []}))
+    before = records.read_text()
+    assert replot.main([str(records), "--title", "CIFAR-10, a test"]) == 0
+    picture = records.parent / "pareto.png"
+    assert capsys.readouterr().out == f"wrote {picture}: CIFAR-10, a test (2 arms, 1-2 seeds each)\n"
+    assert picture.read_bytes().startswith(b"\x89PNG") and records.read_text() == before
+    # the counts in the title: "1 arms" and "1 seeds each" were printed on four committed pictures
+    assert replot.title_of({"arms": [{"seeds": 3}]}, "T") == "T (1 arm, 3 seeds)"
+    assert replot.title_of({"arms": [{"seeds": 1}] * 17}, "T") == "T (17 arms, 1 seed each)"
+    assert replot.title_of({"arms": [{"seeds": 1}, {"seeds": 2}]}, "T") == "T (2 arms, 1-2 seeds each)"
+
+
 def test_every_committed_picture_has_a_command_that_redraws_it_with_a_title_naming_its_data():
     results = REPO / "experiments" / "results"
     recipes = "\n".join(p.read_text() for p in (REPO / "experiments" / "recipes").glob("*.md"))
