@@ -21,7 +21,7 @@ from typing import Callable
 
 from . import rundirs, status
 from .datasource import NAMES
-from .errors import ProbeError, UserError
+from .errors import ConfigError, ProbeError, UserError
 
 # ----------------------------------------------------------------------------- shared
 
@@ -188,6 +188,24 @@ def probe_data_kind(spec: str | None) -> str:
         return "dir"
     raise ProbeError(f"--data {spec!r} is neither a dataset name ({', '.join(PROBE_NAMES)}, own) nor a directory "
                      "(an ImageFolder root with train/ and test/)")
+
+
+def check_eval_probe(cfg) -> None:
+    """Reject a bad ``eval.probe`` of ``moebench train`` (a config, resolved or not) before training
+    starts: one line, the key named."""
+    probe = (cfg.get("eval") or {}).get("probe") if hasattr(cfg, "get") else None
+    if not probe:
+        return
+    datasets = probe.get("datasets") or []
+    if isinstance(datasets, str) or not all(isinstance(d, str) and d for d in datasets):
+        raise ConfigError(f"eval.probe.datasets must be a list of dataset names, 'own' or ImageFolder roots, "
+                          f"got {datasets!r}")
+    try:
+        parse_shots(list(probe.get("shots") or []))
+    except ProbeError as err:
+        raise ConfigError(f"eval.probe.{err}") from None
+    if not isinstance(probe.get("draws"), int) or probe.get("draws") < 1:
+        raise ConfigError(f"eval.probe.draws must be an int >= 1, got {probe.get('draws')!r}")
 
 
 def probe_parser() -> Parser:

@@ -33,7 +33,7 @@ import torch
 from . import arguments
 from .arguments import DEFAULT_DRAWS, DEFAULT_SHOTS, parse_shots, probe_data_kind
 from .data import DataError, ImageData, Loader, load_data
-from .errors import ConfigError, ProbeError, UserError
+from .errors import ProbeError, UserError
 from .tracking import atomic_write_json
 
 log = logging.getLogger("moebench")
@@ -259,21 +259,7 @@ def probe_run(run_dir: Path, *, data: str | None = None, shots=DEFAULT_SHOTS, dr
 
 # ----------------------------------------------------------------------------- after training (eval.probe)
 
-def check_config(cfg) -> None:
-    """Reject a bad ``eval.probe`` before training starts (one line, the key named)."""
-    probe = (cfg.get("eval") or {}).get("probe") if hasattr(cfg, "get") else None
-    if not probe:
-        return
-    datasets = probe.get("datasets") or []
-    if isinstance(datasets, str) or not all(isinstance(d, str) and d for d in datasets):
-        raise ConfigError(f"eval.probe.datasets must be a list of dataset names, 'own' or ImageFolder roots, "
-                          f"got {datasets!r}")
-    try:
-        parse_shots(list(probe.get("shots") or []))
-    except ProbeError as err:
-        raise ConfigError(f"eval.probe.{err}") from None
-    if not isinstance(probe.get("draws"), int) or probe.get("draws") < 1:
-        raise ConfigError(f"eval.probe.draws must be an int >= 1, got {probe.get('draws')!r}")
+check_config = arguments.check_eval_probe  # (also run before torch is imported: preflight.check_config)
 
 
 def after_training(cfg, result: dict, run_dir: Path) -> None:

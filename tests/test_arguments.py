@@ -129,3 +129,21 @@ def test_the_checks_read_the_arguments_alone(tmp_path):
     assert (args.device, args.rounds) == ("cuda:1", 2)
     assert isinstance(arguments.parse("bench", []), Namespace)
 
+
+
+def test_eval_probe_settings_of_train_are_refused_before_torch_and_before_the_run_dir(tmp_path):
+    # They were checked in the app, after torch was imported and the run dir (result.json, train.log) written.
+    cases = [[*args, "experiment=smoke", "eval.probe.datasets=[own]", f"hydra.run.dir={tmp_path / 'run'}"]
+             for args in (["eval.probe.draws=0"], ["eval.probe.shots=[0]"], ["-m", "eval.probe.draws=1,0"])]
+    harness = HARNESS.replace("cli.main(argv)", "cli.main(['train', *argv])")
+    proc = subprocess.run([sys.executable, "-c", harness, json.dumps(cases), *HEAVY], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["code"], r["heavy"], r["stderr"]) for r in reports] == [
+        (2, [], "moebench: error: eval.probe.draws must be an int >= 1, got 0\n"),
+        (2, [], "moebench: error: eval.probe.shots must be positive integers separated by commas (e.g. 1,5,10,25), "
+                "got [0]\n"),
+        (2, [], "moebench: error: eval.probe.draws must be an int >= 1, got 0\n"),  # one job of a sweep: all refused
+    ]
+    assert list(tmp_path.iterdir()) == []
