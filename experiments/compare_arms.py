@@ -1,7 +1,8 @@
 """Arms and their differences pooled from several committed pareto.json files.
 
     python experiments/compare_arms.py results/a/pareto.json "results/b/pareto.json@(4 epochs)" \
-        --reference dense --reference "soft E64 p1" [--quality top1] [--markdown OUT]
+        --reference dense --reference "soft E64 p1" [--quality top1] [--markdown OUT] \
+        [--params] [--train-flops] [--bar]
     python experiments/compare_arms.py results/a/pareto.json "results/a_randaugment/pareto.json@RandAugment" \
         --effect-of RandAugment
 
@@ -10,7 +11,9 @@ arm label, seed, quality and cost. This pools the runs of several files (a run
 that two files both hold must agree, which checks that a re-run reproduced it),
 then prints per arm the mean with its 95% t-interval and the seeds, and against
 each reference arm the difference of means with its Welch 95% interval and,
-over the seeds both arms share, the paired mean difference with its interval.
+over the seeds both arms share, the paired mean difference with its interval
+(``--bar``: also how far apart, or how much overlapping, the two arms' own
+intervals are).
 Only pool files of one setup: `moebench pareto` refuses mixed setups for the
 same reason (the setups are listed in each file).
 """
@@ -54,10 +57,28 @@ def pct(value: float | None, signed: bool = False) -> str:
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
+def apart(vals: list[float], ref: list[float]) -> str:
+    """How far apart the two arms' own 95% intervals of the mean are (the bar "non-overlapping
+    intervals"): "apart by X" points between them, or "overlap by X", the length they share."""
+    (low_a, high_a), (low_b, high_b) = (interval(v) for v in (vals, ref))
+    gap = 100 * (max(low_a, low_b) - min(high_a, high_b))  # > 0: disjoint; < 0: minus the shared stretch
+    if math.isnan(gap):
+        return "n/a"
+    size = f"{abs(gap):.2f}" if abs(gap) >= 0.01 else f"{abs(gap):.1g}"
+    return f"apart by {size}" if gap > 0 else f"overlap by {size}"
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    half = ci95_half_width(values)
+    mean = statistics.fmean(values)
+    return (mean - half, mean + half) if half is not None else (math.nan, math.nan)
+
+
 def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str, only: list[str] | None = None,
-          params: bool = False) -> str:
+          params: bool = False, bar: bool = False, train_flops: bool = False) -> str:
     """The Markdown table; ``only``: these arms' rows (the references are compared with all the same);
-    ``params``: a column of the arms' parameter counts."""
+    ``params``: a column of the arms' parameter counts; ``train_flops``: of their total training FLOPs;
+    ``bar``: per reference, how far apart the two arms' own intervals are."""
     for ref in [*references, *(only or [])]:
         if ref not in arms:
             sys.exit(f"compare_arms: no arm is labelled {ref!r}; arms: {', '.join(sorted(arms))}")
@@ -65,9 +86,10 @@ def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str,
     order = sorted(values, key=lambda label: -statistics.fmean(values[label].values()))
     if only:
         order = [label for label in order if label in only]
-    head = ["arm", "seeds", f"{quality} % (mean +- 95%)", "per seed", "GFLOPs/img", *(["params"] if params else [])]
+    head = ["arm", "seeds", f"{quality} % (mean +- 95%)", "per seed", "GFLOPs/img", *(["params"] if params else []),
+            *(["training TFLOPs"] if train_flops else [])]
     for ref in references:
-        head += [f"vs {ref} (Welch)", f"vs {ref} (paired)"]
+        head += [f"vs {ref} (Welch)", f"vs {ref} (paired)", *([f"vs {ref} (arm intervals)"] if bar else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in order:
         vals = values[label]
@@ -77,9 +99,12 @@ def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str,
                  f"{statistics.fmean(r['gflops_per_image'] for r in arms[label].values()):.4f}"]
         if params:
             cells.append(human_count(statistics.fmean(r["params_total"] for r in arms[label].values())))
+        if train_flops:  # (records made before the axis existed have none)
+            totals = [r.get("train_gflops_total") for r in arms[label].values()]
+            cells.append(f"{statistics.fmean(totals) / 1e3:.1f}" if None not in totals else "n/a")
         for ref in references:
             if label == ref:
-                cells += ["", ""]
+                cells += ["", "", *([""] if bar else [])]
                 continue
             diff = statistics.fmean(vals.values()) - statistics.fmean(values[ref].values())
             welch = welch_ci95(list(vals.values()), list(values[ref].values()))
@@ -87,6 +112,8 @@ def table(arms: dict[str, dict[int, dict]], references: list[str], quality: str,
             mark = lambda d, h: "**" if h is not None and abs(d) > h else ""  # noqa: E731 (outside the interval)
             cells += [f"{mark(diff, welch)}{pct(diff, True)} +- {pct(welch)}{mark(diff, welch)}",
                       f"{mark(pdiff, phalf)}{pct(pdiff, True)} +- {pct(phalf)}{mark(pdiff, phalf)} ({n})"]
+            if bar:
+                cells.append(apart(list(vals.values()), list(values[ref].values())))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -119,6 +146,10 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--arm", action="append", default=[], help="show only this arm (repeatable; default: all)")
     parser.add_argument("--params", action="store_true", help="add a column of the arms' parameter counts")
+    parser.add_argument("--train-flops", action="store_true",
+                        help="add a column of the arms' total training FLOPs (train_gflops_total, in TFLOPs)")
+    parser.add_argument("--bar", action="store_true", help="per reference, add a column saying how far apart the two "
+                        "arms' own 95%% intervals are (\"apart by\") or how far they overlap")
     parser.add_argument("--effect-of", metavar="TAG", help="instead: per arm, runs of the files tagged TAG minus the "
                         "untagged runs, paired by seed (e.g. FILE@RandAugment)")
     return parser
@@ -129,7 +160,7 @@ def render(args: argparse.Namespace, files: list[str]) -> str:
     arms = pooled_runs(files, args.quality)
     if args.effect_of:
         return effect_table(arms, args.effect_of, args.quality, args.arm)
-    return table(arms, args.reference, args.quality, args.arm, args.params)
+    return table(arms, args.reference, args.quality, args.arm, args.params, args.bar, args.train_flops)
 
 
 def main(argv: list[str] | None = None) -> int:

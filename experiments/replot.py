@@ -20,10 +20,16 @@ from moebench.pareto.arms import arm_rows
 from moebench.pareto.plot import plot
 
 
+def counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def title_of(summary: dict, title: str) -> str:
-    seeds = sorted({arm["seeds"] for arm in summary["arms"]})
-    seed_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    return f"{title} ({len(summary['arms'])} arms, {seed_text} seeds each)"
+    """``title (15 arms, 3-6 seeds each)``; one arm: ``(1 arm, 3 seeds)``."""
+    arms = summary["arms"]
+    seeds = sorted({arm["seeds"] for arm in arms})
+    seed_text = counted(seeds[0], "seed") if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
+    return f"{title} ({counted(len(arms), 'arm')}, {seed_text}{' each' if len(arms) > 1 else ''})"
 
 
 def main(argv: list[str]) -> int:

@@ -36,7 +36,6 @@ and skipped, with a note, when absent. Importing them runs their code: a peers d
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -50,7 +49,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import arguments
 from .allocator import allocator_tuning_applied
+from .arguments import PEER_REPOS, unsafe_peers  # noqa: F401 (checked before torch is imported)
 from .cost import CUSTOM_FLOPS
 from .moe import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, registry, track_routing
 from .moe.experts import Experts
@@ -126,29 +127,6 @@ class PeerSTMoE(nn.Module):
         out = self.layer(x.reshape(1, batch * tokens, dim))
         self.aux_loss = out.total_aux_loss
         return out.outputs.reshape(batch, tokens, dim)
-
-
-PEER_REPOS = (("soft", "soft-moe-pytorch", "soft_moe_pytorch"), ("st", "st-moe-pytorch", "st_moe_pytorch"))
-
-
-def unsafe_peers(root: Path) -> str | None:
-    """Why importing Python from ``root`` would run code someone else could have put there, or None.
-    Importing runs ``__init__.py``: ``root``, the peer dirs and every file under their packages must be
-    owned by this user (or root) and writable by no one else (a world-writable /tmp is the case in point)."""
-    paths = [root]
-    for _, repo, package in PEER_REPOS:
-        if (root / repo).exists():
-            paths.append(root / repo)
-            if (root / repo / package).exists():
-                paths += [root / repo / package, *(root / repo / package).rglob("*")]
-    me = os.getuid()
-    for path in paths:
-        info = path.stat()
-        if info.st_uid not in (me, 0):
-            return f"{path} is owned by another user (uid {info.st_uid})"
-        if info.st_mode & 0o022:
-            return f"{path} is writable by other users (mode {info.st_mode & 0o777:o}); chmod go-w it"
-    return None
 
 
 def import_peers(root: Path | None) -> tuple[dict, list[str]]:
@@ -489,40 +467,12 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moebench bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=192, help="token width d of every layer (default 192: ViT-Ti)")
-    parser.add_argument("--hidden", type=int, default=768, help="expert / MLP hidden width (default 768)")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per example (default 64)")
-    parser.add_argument("--batch", type=int, default=128, help="examples per timed forward+backward (default 128)")
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256],
-                        help="expert counts of the growth section (default 8 16 32 64 128 256)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported (default 7)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per layer before the rounds (default 2)")
-    parser.add_argument("--peers", type=Path, default=None,
-                        help="directory holding snapshots of soft-moe-pytorch/ and st-moe-pytorch/ (skipped if absent); "
-                             "their code is imported, so it must be yours and writable by no one else")
-    parser.add_argument("--only", default=None, help="time only the training layers whose name contains this")
-    parser.add_argument("--no-inference", action="store_true", help="skip the inference section")
-    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown here")
-    return parser
-
-
 def main(argv: list[str]) -> int:
-    args = arg_parser().parse_args(argv)
-    if any(e < 1 for e in args.experts) or min(args.dim, args.hidden, args.tokens, args.batch, args.repeats) < 1:
-        print("moebench bench: --experts, --dim, --hidden, --tokens, --batch and --repeats must be >= 1",
-              file=sys.stderr)
-        return 2
-    if args.peers is not None and not args.peers.is_dir():
-        print(f"moebench bench: --peers {args.peers} is not a directory", file=sys.stderr)
-        return 2
-    unsafe = unsafe_peers(args.peers) if args.peers is not None else None
-    if unsafe:  # the peers' Python runs with this user's rights: only from a place no one else can write to
-        print(f"moebench bench: refusing to import peers from --peers {args.peers}: {unsafe}", file=sys.stderr)
-        return 2
+    return arguments.call("bench", run, argv)
 
+
+def run(args) -> int:
+    """``moebench bench`` on its checked arguments (arguments.bench_parser)."""
     peers, notes = import_peers(args.peers)
     result = {"setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                         if k not in ("out", "markdown")},

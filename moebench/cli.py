@@ -1,7 +1,10 @@
 """The `moebench` command: one small dispatcher over the subcommands.
 
-A subcommand is a module of this package with ``main(args: list[str]) -> int``;
-adding one is one line in ``COMMANDS`` (imported only when it runs).
+A subcommand is a module of this package with ``run(args: argparse.Namespace) -> int`` (and
+``main(argv)``, the same from a list of strings), and a parser with its checks in arguments.py;
+adding one is one line in ``COMMANDS`` and one in ``arguments.COMMANDS``. The command line is parsed
+and checked before the module is imported, so ``--help`` and a refusal never wait for torch.
+``train`` is a Hydra app: its command line is checked by preflight.py.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import importlib
 import os
 import sys
 
-from . import invocation, plugins, status
+from . import arguments, invocation, plugins, status
 from .allocator import tune_cpu_allocator
 from .errors import UserError
 
@@ -88,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"moebench: unknown command {command!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    parsed = None
+    if command != "train":  # its arguments alone, before torch is imported (arguments.py)
+        try:
+            parsed = arguments.parse(command, args)
+        except UserError as err:
+            return arguments.refusal(err)
+        except SystemExit as done:  # --help, printed
+            return done.code or 0
     sleep_idle_openmp_threads()
     tune_cpu_allocator()
     try:
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             return train(args)
         module = importlib.import_module(f".{COMMANDS[command][0]}", __package__)
-        return module.main(args)
+        return module.run(parsed)
     except KeyboardInterrupt:
         print("moebench: interrupted", file=sys.stderr)
         return 130

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import arguments
 from .allocator import release_free_memory
 from .moe import track_routing
 from .moe.dropless import grouped_mm_flops
@@ -107,7 +108,7 @@ def _sync(device: torch.device) -> None:
 # make the first calls slow, most of all in the first job of a sweep. Calls go on until the median
 # of the last WARMUP_WINDOW calls agrees with that of the WARMUP_WINDOW before within
 # WARMUP_TOLERANCE and WARMUP_MIN_S has passed, or for WARMUP_MAX_S (a busy machine never settles).
-WARMUP_MIN_S = 0.3
+WARMUP_MIN_S = arguments.WARMUP_MIN_S  # (`moebench measure --warmup-s`'s default, set before torch is imported)
 WARMUP_TOLERANCE = 0.1
 WARMUP_WINDOW = 3
 WARMUP_MAX_S = 2.0

@@ -20,7 +20,6 @@ atomically. ``moebench pareto`` then prefers them over the training-time ones.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -32,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from . import cost
+from . import arguments, cost
 from .errors import CheckpointError
+from .rundirs import find_run_dirs
 from .tracking import atomic_write_json
 
 
@@ -64,20 +64,6 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-def find_run_dirs(paths: list[str]) -> list[Path]:
-    """Run dirs (holding result.json, or .hydra/ for a job that has not finished) under ``paths``,
-    sorted; a missing path is a user error."""
-    found = set()
-    for path in map(Path, paths):
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such run or sweep directory")
-        found.update(result.parent.resolve() for result in path.rglob("result.json"))
-        found.update(hydra.parent.resolve() for hydra in path.rglob(".hydra"))
-    if not found:
-        raise CheckpointError(f"no runs (result.json or .hydra/) under {', '.join(paths)}")
-    return sorted(found)
 
 
 def build_subject(run_dir: Path, name: str, args, device: torch.device) -> Subject:
@@ -227,29 +213,12 @@ def measure(paths: list[str], args) -> int:
     return 1 if problems else 0
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="moebench measure",
-        description="Re-time finished runs together in one quiet process; writes cost_measured into result.json.")
-    parser.add_argument("paths", nargs="+", help="run dirs and/or sweep dirs")
-    parser.add_argument("--rounds", type=positive, default=5, help="rounds over all runs; medians are kept (default 5)")
-    parser.add_argument("--repeats", type=positive, default=5, help="timed calls per run and round (default 5)")
-    parser.add_argument("--train", action="store_true", help="also time a training step (on a copy of the model)")
-    parser.add_argument("--batch-size", type=positive, default=None,
-                        help="inference batch (default: each run's cost.batch_size)")
-    parser.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    parser.add_argument("--warmup-s", type=float, default=cost.WARMUP_MIN_S,
-                        help=f"least warm-up per call before timing, in seconds (default {cost.WARMUP_MIN_S}); "
-                             "it also goes on until the times settle (at most 2 s or this)")
-    args = parser.parse_args(argv)
+    return arguments.call("measure", run, argv)
+
+
+def run(args) -> int:
+    """``moebench measure`` on its checked arguments (arguments.measure_parser)."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"moebench: error: --device {args.device} but CUDA is not available; use --device cpu", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
-from . import invocation, plugins, resolvers, router_options, schema, search
+from . import arguments, invocation, plugins, resolvers, router_options, schema, search
 from .datasource import DataError, check_source
 from .errors import ConfigError
 
@@ -121,6 +121,7 @@ def check_config(args: list[str], config_dir: str) -> Checked:
                     raise schema.unknown_key_error(key.lstrip("+"), known)
             config = resolve(cfg)
             schema.check(config, resolve(defaults[groups], quiet=True))
+            arguments.check_eval_probe(config)  # (the app checks it again: torchrun's ranks skip this)
             search.check(cfg)  # objective names; under hydra/sweeper=optuna, one fitting direction each
             check_data(cfg, command.warnings)
             if not command.multirun:  # under -m a job with a bad router fails alone, in the sweep

@@ -30,21 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import NAMES, DataError, ImageData, Loader, load_data
-from .errors import ConfigError, UserError
+from . import arguments
+from .arguments import DEFAULT_DRAWS, DEFAULT_SHOTS, parse_shots, probe_data_kind
+from .data import DataError, ImageData, Loader, load_data
+from .errors import ProbeError, UserError
 from .tracking import atomic_write_json
 
 log = logging.getLogger("moebench")
 
-DEFAULT_SHOTS = (1, 5, 10, 25)
-DEFAULT_DRAWS = 3
 L2_GRID = 2.0 ** np.arange(-10, 20)  # big_vision's grid
 HELDOUT_TOTAL = 1000  # held-out training examples for the L2 choice (per class: 2..50 of them)
 FEATURE_BATCH = 256  # images per forward when extracting features: bounded memory, modest CPU bursts
-
-
-class ProbeError(UserError):
-    """A probe that cannot run as asked; the message says why and what is allowed."""
 
 
 # ----------------------------------------------------------------------------- the linear probe
@@ -189,32 +185,18 @@ def probe_data(spec: str | None, config: dict, channels: int, data_root: str | N
     own training-split statistics."""
     from .runs import load_run_data
 
-    if spec in (None, "", "own"):
+    kind = probe_data_kind(spec)
+    if kind == "own":
         return dataset_key(config["data"]), _match_channels(load_run_data(config, root=data_root), channels)
     size = config["data"]["image_size"]
-    names = [n for n in NAMES if n != "imagefolder"]
-    if spec in names:
+    if kind == "name":
         data = load_data(spec, root=data_root, image_size=size, seed=config.get("seed", 0))
         return spec, _match_channels(data, channels)
-    if Path(spec).expanduser().is_dir():
-        data = load_data("imagefolder", root=spec, image_size=size)
-        return dataset_key({"name": "imagefolder", "root": spec}), _match_channels(data, channels)
-    raise ProbeError(f"--data {spec!r} is neither a dataset name ({', '.join(names)}, own) nor a directory "
-                     "(an ImageFolder root with train/ and test/)")
+    data = load_data("imagefolder", root=spec, image_size=size)
+    return dataset_key({"name": "imagefolder", "root": spec}), _match_channels(data, channels)
 
 
 # ----------------------------------------------------------------------------- a run
-
-def parse_shots(text: str | list) -> list[int]:
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    try:
-        shots = sorted({int(str(s).strip()) for s in items if str(s).strip()})
-    except ValueError:
-        raise ProbeError(f"shots must be positive integers separated by commas (e.g. 1,5,10,25), got {text!r}") from None
-    if not shots or shots[0] < 1:
-        raise ProbeError(f"shots must be positive integers separated by commas (e.g. 1,5,10,25), got {text!r}")
-    return shots
-
 
 def probe_model(model: torch.nn.Module, data: ImageData, shots: list[int], draws: int, seed: int,
                 max_test: int | None = None) -> dict[str, dict]:
@@ -277,21 +259,7 @@ def probe_run(run_dir: Path, *, data: str | None = None, shots=DEFAULT_SHOTS, dr
 
 # ----------------------------------------------------------------------------- after training (eval.probe)
 
-def check_config(cfg) -> None:
-    """Reject a bad ``eval.probe`` before training starts (one line, the key named)."""
-    probe = (cfg.get("eval") or {}).get("probe") if hasattr(cfg, "get") else None
-    if not probe:
-        return
-    datasets = probe.get("datasets") or []
-    if isinstance(datasets, str) or not all(isinstance(d, str) and d for d in datasets):
-        raise ConfigError(f"eval.probe.datasets must be a list of dataset names, 'own' or ImageFolder roots, "
-                          f"got {datasets!r}")
-    try:
-        parse_shots(list(probe.get("shots") or []))
-    except ProbeError as err:
-        raise ConfigError(f"eval.probe.{err}") from None
-    if not isinstance(probe.get("draws"), int) or probe.get("draws") < 1:
-        raise ConfigError(f"eval.probe.draws must be an int >= 1, got {probe.get('draws')!r}")
+check_config = arguments.check_eval_probe  # (also run before torch is imported: preflight.check_config)
 
 
 def after_training(cfg, result: dict, run_dir: Path) -> None:
@@ -331,27 +299,11 @@ def after_training(cfg, result: dict, run_dir: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: list[str]) -> int:
-    import argparse
+    return arguments.call("probe", run, argv)
 
-    parser = argparse.ArgumentParser(
-        prog="moebench probe", allow_abbrev=False,
-        description="Few-shot linear probe (closed-form ridge on frozen pre-logit features); "
-                    "writes result.json probe.<data>.<k>shot.")
-    parser.add_argument("run_dir", type=Path, help="a run dir holding a checkpoint (last.pt) and result.json")
-    parser.add_argument("--data", default=None,
-                        help="dataset to probe: a name (" + ", ".join(n for n in NAMES if n != "imagefolder")
-                             + ") or an ImageFolder root; default: the run's own dataset")
-    parser.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)), help="examples per class, e.g. 1,5,10,25")
-    parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="random k-shot draws per k (mean and spread)")
-    parser.add_argument("--checkpoint", default="last.pt", help="checkpoint file in the run dir (default last.pt)")
-    parser.add_argument("--data-root", default=None, help="root for a named dataset, or the run's own dataset root "
-                                                           "when its recorded data.root is relative to elsewhere")
-    parser.add_argument("--max-test", type=int, default=None, help="score on at most this many test images")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the held-out set and the k-shot draws")
-    args = parser.parse_args(argv)
-    if args.max_test is not None and args.max_test < 1:
-        print(f"moebench: error: --max-test must be >= 1, got {args.max_test}", file=sys.stderr)
-        return 2
+
+def run(args) -> int:
+    """``moebench probe`` on its checked arguments (arguments.probe_parser)."""
     try:
         key, results = probe_run(args.run_dir, data=args.data, shots=args.shots, draws=args.draws,
                                  checkpoint=args.checkpoint, data_root=args.data_root, max_test=args.max_test,

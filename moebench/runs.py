@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import verify
 from .errors import CheckpointError
+from .rundirs import checkpoint_path
 
 
 @dataclass
@@ -71,13 +72,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last.pt", device: str | tor
     from .build import build_model  # the one place that turns a config into a model
 
     run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
-    path = run_dir / checkpoint
-    if not path.is_file():
-        present = sorted(p.name for p in run_dir.glob("*.pt"))
-        hint = f"it holds {', '.join(present)}" if present else "it holds no checkpoint (train.save_checkpoints=false?)"
-        raise CheckpointError(f"{run_dir}: no checkpoint {checkpoint}; {hint}")
+    path = checkpoint_path(run_dir, checkpoint)
     ckpt = _read_checkpoint(path)
     config = ckpt["config"]
     in_chans, num_classes = _shapes(ckpt["model"], path)

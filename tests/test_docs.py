@@ -64,6 +64,33 @@ def test_a_table_edited_by_hand_is_caught(tmp_path):
         report_tables.render(page)
 
 
+def test_a_table_says_how_far_apart_two_arms_intervals_are_and_their_training_flops(tmp_path):
+    """--bar: the issue's bar (the two arms' own 95% intervals do not overlap) as a column, so a
+    reading points at it instead of typing the intervals' ends; --train-flops: the total
+    training FLOPs (n/a for records made before that axis)."""
+    import json
+
+    import compare_arms
+
+    def runs(label: str, values: list[float], flops: float | None) -> list[dict]:
+        return [{"label": label, "seed": seed, "top1": value, "gflops_per_image": 0.03,
+                 **({"train_gflops_total": flops} if flops else {})} for seed, value in enumerate(values)]
+
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    new.write_text(json.dumps({"runs": runs("wide", [0.50, 0.51, 0.52], 12_000) + runs("far", [0.60, 0.61, 0.60], 12_500)}))
+    old.write_text(json.dumps({"runs": runs("dense", [0.50, 0.505, 0.51], None)}))
+    args = compare_arms.arg_parser().parse_args([str(new), str(old), "--reference", "dense", "--bar", "--train-flops"])
+    lines = compare_arms.render(args, args.files).splitlines()
+    assert lines[0] == ("| arm | seeds | top1 % (mean +- 95%) | per seed | GFLOPs/img | training TFLOPs | vs dense (Welch) "
+                        "| vs dense (paired) | vs dense (arm intervals) |")
+    far, wide, dense = lines[2:]
+    # far 60.33 +- 1.43 (58.90-61.77), wide 51.00 +- 2.48 (48.52-53.48), dense 50.50 +- 1.24 (49.26-51.74)
+    assert far == ("| far | 3 | 60.33 +- 1.43 | 60.00, 61.00, 60.00 | 0.0300 | 12.5 | **+9.83 +- 1.40** | "
+                   "**+9.83 +- 1.90** (3) | apart by 7.16 |")
+    assert wide.endswith("| 12.0 | +0.50 +- 2.78 | +0.50 +- 1.24 (3) | overlap by 2.48 |")  # dense's lies inside
+    assert dense.endswith("| n/a |  |  |  |")
+
+
 def test_the_recipes_result_tables_are_generated_not_typed():
     # Recipes 2-5 and recipe 11's paired RandAugment table were typed by hand from these records once.
     recipes = REPO / "experiments" / "recipes"
@@ -136,6 +163,33 @@ def test_a_redrawn_picture_is_titled_with_its_setup_and_the_counts_of_its_record
 
     summary = json.loads((REPO / "experiments" / "results" / "tinyimagenet_all_arms" / "pareto.json").read_text())
     assert replot.title_of(summary, "Tiny-ImageNet-200") == "Tiny-ImageNet-200 (15 arms, 3-6 seeds each)"
+
+
+def test_replot_rebuilds_the_arms_of_records_that_predate_them_and_counts_in_the_singular(tmp_path, capsys):
+    """Recipes 2-5's pareto.json hold runs without "arms" (made before the arm summary): replot.py
+    rebuilds the arms from the runs (the seeds of one label are one arm) and leaves the records alone."""
+    import json
+
+    import replot
+
+    def run(label: str, router: str, seed: int, top1: float, gflops: float) -> dict:
+        return {"run": f"{label}/seed={seed}", "label": label, "router": router, "seed": seed,
+                "gflops_per_image": gflops, "params_total": int(1e6 * gflops), "top1": top1}
+
+    records = tmp_path / "old_sweep" / "pareto.json"
+    records.parent.mkdir()
+    records.write_text(json.dumps({"quality": "top1", "cost_axes": ["gflops_per_image", "params_total"], "runs": [
+        run("dense", "dense", 0, 0.50, 0.03), run("dense", "dense", 1, 0.52, 0.03), run("soft E8", "soft", 0, 0.55, 0.04),
+    ], "skipped": []}))
+    before = records.read_text()
+    assert replot.main([str(records), "--title", "CIFAR-10, a test"]) == 0
+    picture = records.parent / "pareto.png"
+    assert capsys.readouterr().out == f"wrote {picture}: CIFAR-10, a test (2 arms, 1-2 seeds each)\n"
+    assert picture.read_bytes().startswith(b"\x89PNG") and records.read_text() == before
+    # the counts in the title: "1 arms" and "1 seeds each" were printed on four committed pictures
+    assert replot.title_of({"arms": [{"seeds": 3}]}, "T") == "T (1 arm, 3 seeds)"
+    assert replot.title_of({"arms": [{"seeds": 1}] * 17}, "T") == "T (17 arms, 1 seed each)"
+    assert replot.title_of({"arms": [{"seeds": 1}, {"seeds": 2}]}, "T") == "T (2 arms, 1-2 seeds each)"
 
 
 def test_every_committed_picture_has_a_command_that_redraws_it_with_a_title_naming_its_data():

@@ -74,7 +74,10 @@ def test_help_lists_every_group_option_with_its_description_and_marks_the_choice
     assert re.search(r"^  data\.num_train=64 ", text, re.M)  # the value the experiment sets, not the default
 
 
-def test_every_bench_option_says_what_it_does():
-    from moebench.bench import arg_parser
-    silent = [action.option_strings for action in arg_parser()._actions if not action.help]
-    assert not silent, silent  # `moebench bench --help` listed --dim, --hidden, --batch... without a word
+def test_every_option_of_the_other_commands_says_what_it_does():
+    from moebench import arguments, cli
+
+    assert set(arguments.COMMANDS) == set(cli.COMMANDS) - {"train"}  # every subcommand parses there
+    for command, (parser, _) in arguments.COMMANDS.items():
+        silent = [action.option_strings or action.dest for action in parser()._actions if not action.help]
+        assert not silent, (command, silent)  # `moebench bench --help` listed --dim, --hidden, --batch... without a word

@@ -87,6 +87,6 @@ def test_measure_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"cannot read checkpoint {run / 'last.pt'}" in err and "no completed run with a checkpoint to measure" in err
     assert len(err.strip().splitlines()) == 2
-    with pytest.raises(SystemExit):
-        measure_main([str(tmp_path), "--rounds", "0"])
-    assert "--rounds: must be >= 1" in capsys.readouterr().err
+    assert measure_main([str(tmp_path), "--rounds", "0"]) == 2
+    assert capsys.readouterr().err == ("moebench: error: argument --rounds: must be >= 1, got 0; "
+                                       "see `moebench measure --help`\n")

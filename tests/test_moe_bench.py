@@ -109,7 +109,7 @@ def test_bench_refuses_peers_others_can_write_or_own_and_make_keeps_them_out_of_
             os.chown(path, owner, -1)
         proc = bench(*TINY, "--only", "dense", "--no-inference", "--peers", str(peers))
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert proc.stderr.splitlines() == [f"moebench bench: refusing to import peers from --peers {peers}: "
+        assert proc.stderr.splitlines() == [f"moebench: error: refusing to import peers from --peers {peers}: "
                                             f"{path} {reason}" + ("; chmod go-w it" if owner is None else "")]
         assert not (peers / "planted-code-ran").exists()
         path.chmod(before.st_mode & 0o777)

@@ -4,6 +4,6 @@ Not named ``inspect``: that would shadow the standard library's module for
 code run from inside this package's directory.
 """
 
-from .report import inspect_run, main
+from .report import inspect_run, main, run
 
-__all__ = ["inspect_run", "main"]
+__all__ = ["inspect_run", "main", "run"]

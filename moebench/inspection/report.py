@@ -353,29 +353,18 @@ def _wandb_id_and_step(checkpoint: Path) -> tuple[str | None, int | None]:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
+    from .. import arguments
+
+    return arguments.call("inspect", run, argv)
+
+
+def run(args) -> int:
+    """``moebench inspect`` on its checked arguments (arguments.inspect_parser)."""
     import sys
 
     from ..data import DataError
     from ..errors import UserError
 
-    parser = argparse.ArgumentParser(prog="moebench inspect", allow_abbrev=False,
-                                     description="Pictures of what a trained run's routers do (RUN_DIR/inspect/).")
-    parser.add_argument("run_dir", type=Path, help="a run dir holding a checkpoint (last.pt)")
-    parser.add_argument("--images", type=int, default=4, help="test images to draw routing for (default 4)")
-    parser.add_argument("--checkpoint", default="last.pt", help="checkpoint file in the run dir (default last.pt)")
-    parser.add_argument("--data-root", default=None,
-                        help="where the run's dataset lies, if its recorded data.root is relative to elsewhere")
-    parser.add_argument("--max-images", type=int, default=None,
-                        help="statistics over at most this many test images (default: the whole test split)")
-    parser.add_argument("--no-wandb", action="store_true", help="do not log the pictures to the run's W&B run")
-    args = parser.parse_args(argv)
-    if args.images < 1 or args.images > 16:
-        print(f"moebench: error: --images must be in 1..16, got {args.images}", file=sys.stderr)
-        return 2
-    if args.max_images is not None and args.max_images < 1:
-        print(f"moebench: error: --max-images must be >= 1, got {args.max_images}", file=sys.stderr)
-        return 2
     try:
         record = inspect_run(args.run_dir, images=args.images, checkpoint=args.checkpoint, data_root=args.data_root,
                              max_images=args.max_images, log_wandb=not args.no_wandb)
@@ -387,4 +376,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["InspectError", "epoch_curves", "inspect_run", "main"]
+__all__ = ["InspectError", "epoch_curves", "inspect_run", "main", "run"]

@@ -35,7 +35,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from .. import checkpoint, distributed, report, status
+from .. import arguments, checkpoint, distributed, report, status
 from ..tracking import atomic_write_bytes, atomic_write_json, sweep_group
 from .arms import (  # noqa: F401 (the package's API: moebench.pareto.X)
     arm_labels, arm_of, arm_rows, compare_arms, differing_keys, frontier_flags, per_seed, run_rows, setup_of,
@@ -214,48 +214,12 @@ class ParetoCallback(Callback):
                            if s["status"] in NOT_OK and checkpoint.lock_state(Path(s["run"]))[1] == launch)
 
 
-READING = """\
-Runs that differ only in seed form an arm: its mean top-1, the standard deviation
-over seeds and the half-width of a 95% t-interval of the mean (pareto_arms.csv,
-"arms" in pareto.json, error bars in pareto.png). The frontier is drawn over arm
-means. Reading two arms: intervals that do not overlap mean a difference larger
-than seed noise; overlapping intervals do not settle the ordering either way
-(more seeds narrow them). One seed gives no interval.
-Timings come from `moebench measure` (cost_measured) where a run has them."""
-
-
-def quality_key(value: str) -> str:
-    if value in QUALITIES or (value.startswith("probe.") and len(value.split(".")) == 3):
-        return value
-    import argparse
-
-    raise argparse.ArgumentTypeError(f"{value!r}: choose {', '.join(QUALITIES)} or probe.<data>.<k>shot")
-
-
 def main(argv: list[str]) -> int:
-    import argparse
+    return arguments.call("pareto", run, argv)
 
-    parser = argparse.ArgumentParser(prog="moebench pareto", description="Cost/quality Pareto frontier of runs.",
-                                     epilog=READING, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="sweep dirs and/or run dirs (several are combined)")
-    parser.add_argument("--out", type=Path, help="where to write pareto.*; default: the path if only one")
-    parser.add_argument("--allow-mixed", action="store_true",
-                        help="runs of different setups (data, model, schedule): one frontier per setup")
-    parser.add_argument("--quality", default=QUALITY, type=quality_key,
-                        help="quality axis: final model's test top-1 (top1), test top-1 at the best validation "
-                             "epoch (top1_at_best_val), the best validation top-1 (val_top1_best: what a "
-                             "hydra/sweeper=optuna search maximizes), or a few-shot probe's mean "
-                             "(probe.<data>.<k>shot, from moebench probe)")
-    parser.add_argument("--include-init-cost", action="store_true",
-                        help="add the training FLOPs of the run an upcycled run started from (init_from) to its "
-                             "training FLOPs axis")
-    parser.add_argument("--wandb-mode", default=None, choices=["offline", "online", "disabled"],
-                        help="default: as the runs were logged (disabled when none of them used W&B)")
-    parser.add_argument("--wandb-project", default=None, help="default: the runs' project")
-    parser.add_argument("--wandb-group", default=None, help="default: the sweep's group")
-    parser.add_argument("--wandb-report", action="store_true",
-                        help="also save a W&B report of the runs (W&B online; pip install 'moebench[report]')")
-    args = parser.parse_args(argv)
+
+def run(args) -> int:
+    """``moebench pareto`` on its checked arguments (arguments.pareto_parser)."""
     out = args.out or (Path(args.paths[0]) if len(args.paths) == 1 else Path("pareto"))
     wandb_cfg = report.pareto_wandb_cfg(args.paths, out, mode=args.wandb_mode, project=args.wandb_project,
                                         group=args.wandb_group)

@@ -13,12 +13,10 @@ from typing import Callable
 
 
 from .. import checkpoint, schema
+from ..arguments import QUALITIES, QUALITY  # noqa: F401 (the quality axes: --quality checks them before torch)
 from ..moe import registry
 
-
-QUALITY = "top1"  # the final model's test top-1
 PARETO_LOCK = ".moebench.pareto.lock"
-QUALITIES = ("top1", "top1_at_best_val", "val_top1_best")  # val_top1_best: what a search (search.objectives) sees
 
 
 @dataclass(frozen=True)
