@@ -100,7 +100,6 @@ def cli_in_process(monkeypatch, capsys):
     return run
 
 
-
 @pytest.fixture
 def float64_and_seed():
     """float64 as torch's default dtype and seed 0 for one test, the default dtype restored after it. The router
