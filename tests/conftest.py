@@ -1,7 +1,8 @@
 """Shared test helpers and fixtures: one way to compose a config, one way to run the CLI, one tiny run.
 
 Import the helpers with ``from conftest import ...`` (pytest puts tests/ on the path); the
-fixtures (``tiny_run``) need no import.
+fixtures (``tiny_run``, ``cli_in_process``, ``float64_and_seed``) need no import. Helpers for
+torch.distributed, which spawned processes import again, are in ``helpers.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def train(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[subproces
     return proc, run_dir
 
 
+def refusal_line(cwd: Path, *args: str) -> str:
+    """The one line of a ``moebench ARGS`` refused in a fresh process run in the empty folder ``cwd``: exit
+    code 2, no traceback, a single line on stderr, nothing written into ``cwd``."""
+    proc = moebench(*args, cwd=cwd)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert list(cwd.iterdir()) == []
+    return lines[0]
+
+
 def result(run_dir: Path) -> dict:
     return json.loads((run_dir / "result.json").read_text())
 
@@ -86,3 +99,16 @@ def cli_in_process(monkeypatch, capsys):
 
     return run
 
+
+@pytest.fixture
+def float64_and_seed():
+    """float64 as torch's default dtype and seed 0 for one test, the default dtype restored after it. The router
+    modules take it for every test (``pytestmark = pytest.mark.usefixtures("float64_and_seed")``): their slow
+    references accumulate in another order, which float64 keeps far below the tolerances."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(previous)

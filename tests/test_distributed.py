@@ -6,21 +6,19 @@ import copy
 import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from helpers import case, run_on_two_ranks
 from test_cli import ENV, metric_lines, moebench, result
 
 import moebench as moebench_package
 from moebench.moe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE, expert_parallel_parameters, shard_experts
 from moebench.moe.remoe import ReMoE
 
-WORLD = 2
 DIM, HIDDEN, TOKENS, BATCH = 8, 16, 6, 8
 # (name, layer factory, examples per rank): uneven splits exercise the row-count exchange.
 CASES = [
@@ -86,33 +84,16 @@ def check_case(rank: int, make, split) -> None:
     torch.testing.assert_close(resharded(x_local.detach()), y.detach(), rtol=1e-10, atol=1e-10)
 
 
-def worker(rank: int, init_file: str, errors) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    name = "?"
-    try:
-        for name, make, split in CASES:
+def expert_parallel_on_rank(rank: int) -> None:
+    for name, make, split in CASES:
+        with case(name):
             check_case(rank, make, split)
-        name = "3 experts on 2 ranks"
-        with pytest.raises(ValueError, match="divisible"):
-            shard_experts(SoftMoE(DIM, HIDDEN, 3))
-    except Exception:
-        errors.put(f"rank {rank}, {name}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    with case("3 experts on 2 ranks"), pytest.raises(ValueError, match="divisible"):
+        shard_experts(SoftMoE(DIM, HIDDEN, 3))
 
 
 def test_expert_parallel_layers_match_the_local_layers(tmp_path):
-    errors = mp.get_context("spawn").SimpleQueue()
-    failure = None
-    try:
-        mp.spawn(worker, args=(str(tmp_path / "init"), errors), nprocs=WORLD, join=True)
-    except mp.ProcessRaisedException as err:  # the queue says which case; the exception covers the rest
-        failure = str(err)
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages and failure is None, "\n".join(messages) or failure
+    run_on_two_ranks(expert_parallel_on_rank, tmp_path)
 
 
 # ----------------------------------------------------------------------------- DDP on moebench's model
@@ -149,22 +130,14 @@ def gradients(model, images, labels) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def ddp_worker(rank: int, init_file: str, errors) -> None:
+def ddp_on_rank(rank: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)  # the same kernels and blocking in both processes and the reference
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    case = "?"
-    try:
-        for router in GRAD_ROUTERS:
-            for dtype in (torch.float64, torch.float32):
-                case = f"{router} {dtype}"
+    for router in GRAD_ROUTERS:
+        for dtype in (torch.float64, torch.float32):
+            with case(f"{router} {dtype}"):
                 check_ddp(rank, router, dtype, DistributedDataParallel)
-    except Exception:
-        errors.put(f"rank {rank}, {case}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def check_ddp(rank: int, router: str, dtype: torch.dtype, ddp_class) -> None:
@@ -215,16 +188,7 @@ def check_ddp(rank: int, router: str, dtype: torch.dtype, ddp_class) -> None:
 
 
 def test_ddp_gradients_equal_the_averaged_halves_exactly_and_the_whole_batch_within_rounding(tmp_path):
-    errors = mp.get_context("spawn").SimpleQueue()
-    failure = None
-    try:
-        mp.spawn(ddp_worker, args=(str(tmp_path / "init"), errors), nprocs=WORLD, join=True)
-    except mp.ProcessRaisedException as err:
-        failure = str(err)
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages and failure is None, "\n".join(messages) or failure
+    run_on_two_ranks(ddp_on_rank, tmp_path)
 
 
 # ----------------------------------------------------------------------------- torchrun end to end

@@ -16,16 +16,7 @@ from moebench.moe import (
     count_parameters, track_routing,
 )
 
-
-
-@pytest.fixture(autouse=True)
-def _float64_and_seed():
-    """float64 in this module only: the references accumulate in another order, so 1e-5 is safe."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_and_seed")  # conftest.py: float64 and seed 0 in every test
 
 
 def grads(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -311,13 +302,19 @@ def all_layers(experts: int = 4):
     }
 
 
-@pytest.mark.parametrize("name", ["dense", "soft", "tokens_choice", "experts_choice"])
-def test_every_parameter_receives_a_gradient(name):
-    layer = all_layers()[name].train()
+def assert_every_parameter_trains(layer: nn.Module) -> None:
+    """A training forward of ``layer`` (dim 8) and the backward of its squared output plus its aux loss give
+    every parameter a nonzero gradient."""
+    layer.train()
     out = layer(torch.randn(4, 6, 8))
     (out.pow(2).sum() + layer.aux_loss).backward()
     for pname, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", ["dense", "soft", "tokens_choice", "experts_choice"])
+def test_every_parameter_receives_a_gradient(name):
+    assert_every_parameter_trains(all_layers()[name])
 
 
 class OpCounter(TorchDispatchMode):
@@ -330,18 +327,26 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", ["soft", "tokens_choice", "experts_choice"])
-def test_no_python_loop_over_experts(name):
-    """The ops dispatched by forward + backward do not grow with the number of experts."""
+def assert_no_python_loop_over_experts(make, after_backward=None) -> None:
+    """The ops dispatched by forward + backward of ``make(experts)`` (dim 8), and by ``after_backward(layer)``
+    (a per-step update) when given, are as many at 4 experts as at 16."""
     counts = []
     for experts in (4, 16):
         torch.manual_seed(0)
-        layer = all_layers(experts)[name].eval()
+        layer = make(experts)
         x = torch.randn(4, 16, 8, requires_grad=True)  # capacities stay >= 2 at both sizes
         with OpCounter() as counter:
             (layer(x).sum() + layer.aux_loss).backward()
+            if after_backward is not None:
+                after_backward(layer)
         counts.append(counter.count)
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("name", ["soft", "tokens_choice", "experts_choice"])
+def test_no_python_loop_over_experts(name):
+    """The ops dispatched by forward + backward do not grow with the number of experts."""
+    assert_no_python_loop_over_experts(lambda experts: all_layers(experts)[name].eval())
 
 
 def forward_flops(layer, x) -> int:

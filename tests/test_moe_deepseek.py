@@ -5,29 +5,21 @@ moved after each optimizer step), shared and fine-grained experts; against the s
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import moe_reference as ref
+from helpers import WORLD, case, run_on_two_ranks
 from moebench.moe import (
     TokensChoiceMoE, count_parameters, discard_balancing_load, shard_experts, track_routing, update_balancing_bias,
 )
-from test_moe import OpCounter, assert_matches_reference
+from test_moe import assert_every_parameter_trains, assert_matches_reference, assert_no_python_loop_over_experts
 
-
-@pytest.fixture(autouse=True)
-def _float64_and_seed():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_and_seed")  # conftest.py: float64 and seed 0 in every test
 
 
 def deepseek(dim=6, hidden=8, experts=4, **options) -> TokensChoiceMoE:
@@ -304,21 +296,16 @@ def test_a_resumed_training_ends_bit_identical_to_an_uninterrupted_one():
 
 # ----------------------------------------------------------------------------- data parallel and expert parallel
 
-WORLD = 2
-
-
-def ddp_bias_worker(rank: int, init_file: str, errors) -> None:
+def ddp_bias_on_rank(rank: int) -> None:
     torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    case = "?"
-    try:
-        for case in ("replicated", "expert parallel"):
+    for name in ("replicated", "expert parallel"):
+        with case(name):
             torch.manual_seed(0)
             full = TokensChoiceMoE(6, 8, 4, k=1, group_size=2, noise_std=0.0, gate="sigmoid", load_weight=0.0,
                                    bias_rate=0.125, granularity=2, shared_experts=1, capacity_factor=0.5).train()
             x = torch.randn(8, 5, 6)
             mine = copy.deepcopy(full)
-            if case == "expert parallel":
+            if name == "expert parallel":
                 shard_experts(mine)
             # one process, the whole batch: the reference update
             full(x)
@@ -335,24 +322,10 @@ def ddp_bias_worker(rank: int, init_file: str, errors) -> None:
             total = local.clone()
             dist.all_reduce(total)
             assert not torch.equal(total, local)  # the ranks' loads differ: the sum is what moved the bias
-    except Exception:
-        errors.put(f"rank {rank}, {case}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def test_the_bias_update_sums_the_load_over_ranks_and_stays_replicated(tmp_path):
-    errors = mp.get_context("spawn").SimpleQueue()
-    failure = None
-    try:
-        mp.spawn(ddp_bias_worker, args=(str(tmp_path / "init"), errors), nprocs=WORLD, join=True)
-    except mp.ProcessRaisedException as err:
-        failure = str(err)
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages and failure is None, "\n".join(messages) or failure
+    run_on_two_ranks(ddp_bias_on_rank, tmp_path)
 
 
 # ----------------------------------------------------------------------------- shared and fine-grained experts: cost
@@ -402,25 +375,15 @@ def test_shared_experts_are_no_router_parameters_and_decay_their_kernels():
 
 
 def test_no_python_loop_over_experts():
-    counts = []
-    for experts in (4, 16):
-        torch.manual_seed(0)
-        layer = TokensChoiceMoE(8, 16, experts, k=1, group_size=2, gate="sigmoid", bias_rate=0.001, load_weight=0.0,
-                                granularity=2, shared_experts=1).train()
-        x = torch.randn(4, 16, 8, requires_grad=True)
-        with OpCounter() as counter:
-            (layer(x).sum() + layer.aux_loss).backward()
-            update_balancing_bias(layer)
-        counts.append(counter.count)
-    assert counts[0] == counts[1], counts
+    assert_no_python_loop_over_experts(
+        lambda experts: TokensChoiceMoE(8, 16, experts, k=1, group_size=2, gate="sigmoid", bias_rate=0.001,
+                                        load_weight=0.0, granularity=2, shared_experts=1).train(),
+        update_balancing_bias)
 
 
 def test_every_parameter_trains():
-    layer = deepseek(8, 16, 4, k=1, gate="sigmoid", bias_rate=0.001, granularity=2, shared_experts=1,
-                     importance_weight=0.01).train()
-    (layer(torch.randn(4, 6, 8)).pow(2).sum() + layer.aux_loss).backward()
-    for name, p in layer.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trains(deepseek(8, 16, 4, k=1, gate="sigmoid", bias_rate=0.001, granularity=2,
+                                           shared_experts=1, importance_weight=0.01))
 
 
 # ----------------------------------------------------------------------------- bad settings

@@ -12,18 +12,13 @@ import moe_reference as ref
 from moebench.cost import CUSTOM_FLOPS
 from moebench.moe import TokensChoiceMoE, track_routing, update_balancing_bias
 from moebench.moe.dropless import grouped_mm_available, select_matmul
-from test_moe import OpCounter, assert_matches_reference
+from test_moe import assert_every_parameter_trains, assert_matches_reference, assert_no_python_loop_over_experts
 
 needs_grouped = pytest.mark.skipif(not grouped_mm_available(), reason="this torch has no torch._grouped_mm")
+# both dropless expert calls, the grouped one where this torch has it (test_moe_remoe.py uses them too)
+EXPERT_MATMULS = [pytest.param("grouped", marks=needs_grouped), "padded"]
 
-
-@pytest.fixture(autouse=True)
-def _float64_and_seed():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_and_seed")  # conftest.py: float64 and seed 0 in every test
 
 
 def dropless(dim=6, hidden=8, experts=4, **options) -> TokensChoiceMoE:
@@ -143,29 +138,17 @@ def test_flops_count_every_assignment_once(k):
     assert flops(padded, x) == 2 * N * d * E + 4 * E * load * d * h
 
 
-@pytest.mark.parametrize("matmul", ["grouped", "padded"])
+@pytest.mark.parametrize("matmul", EXPERT_MATMULS)
 def test_no_python_loop_over_experts(matmul):
-    if matmul == "grouped" and not grouped_mm_available():
-        pytest.skip("this torch has no torch._grouped_mm")
     torch.set_default_dtype(torch.float32)
-    counts = []
-    for experts in (4, 16):
-        torch.manual_seed(0)
-        layer = dropless(8, 16, experts, k=2, dropless_matmul=matmul, gate="sigmoid", bias_rate=0.01,
-                         load_weight=0.0).train()
-        x = torch.randn(4, 16, 8, requires_grad=True)
-        with OpCounter() as counter:
-            (layer(x).sum() + layer.aux_loss).backward()
-            update_balancing_bias(layer)
-        counts.append(counter.count)
-    assert counts[0] == counts[1], counts
+    assert_no_python_loop_over_experts(
+        lambda experts: dropless(8, 16, experts, k=2, dropless_matmul=matmul, gate="sigmoid", bias_rate=0.01,
+                                 load_weight=0.0).train(),
+        update_balancing_bias)
 
 
 def test_every_parameter_trains():
-    layer = dropless(8, 16, 4, k=2, importance_weight=0.01).train()
-    (layer(torch.randn(4, 6, 8)).pow(2).sum() + layer.aux_loss).backward()
-    for name, p in layer.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trains(dropless(8, 16, 4, k=2, importance_weight=0.01))
 
 
 def test_label_and_old_runs():
@@ -193,12 +176,10 @@ def test_inspection_rebuilds_the_dropless_output():
 
 
 def test_a_bad_dropless_value_is_one_line_from_the_cli(tmp_path):
-    from conftest import TINY, moebench
+    from conftest import TINY, refusal_line
 
-    proc = moebench("train", *TINY, "variant=tc_e32_k1_dropless", "router.dropless=3", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["moebench: error: router.dropless must be true or false or null, got 3"]
-    assert "Traceback" not in proc.stdout and list(tmp_path.iterdir()) == []
+    assert refusal_line(tmp_path, "train", *TINY, "variant=tc_e32_k1_dropless", "router.dropless=3") == (
+        "moebench: error: router.dropless must be true or false or null, got 3")
 
 
 @pytest.mark.slow  # dynamo tracing on 2 busy cores

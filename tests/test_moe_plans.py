@@ -10,11 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import moe_reference as ref
 from moebench.moe import ExpertsChoiceMoE, TokensChoiceMoE
 from moebench.moe.plans import plan_balance, project_sparse_simplex, sinkhorn_plan, sparse_ot_plan
-from test_moe import (  # noqa: F401 (_float64_and_seed: test_moe's autouse fixture, float64 and seed 0 here too)
-    OpCounter, _float64_and_seed, assert_coverage_matches_reference, assert_matches_reference,
-)
+from test_moe import assert_coverage_matches_reference, assert_matches_reference, assert_no_python_loop_over_experts
 
-
+pytestmark = pytest.mark.usefixtures("float64_and_seed")  # conftest.py: float64 and seed 0 in every test
 
 
 # ----------------------------------------------------------------------------- the plans
@@ -184,15 +182,7 @@ def test_plan_routers_count_the_same_flops_as_softmax():
     lambda e: ExpertsChoiceMoE(8, 16, e, group_size=2, assignment="sparse_ot"),
 ])
 def test_plan_routers_have_no_python_loop_over_experts(make):
-    counts = []
-    for experts in (4, 16):
-        torch.manual_seed(0)
-        layer = make(experts).eval()
-        x = torch.randn(4, 16, 8, requires_grad=True)
-        with OpCounter() as counter:
-            layer(x).sum().backward()
-        counts.append(counter.count)
-    assert counts[0] == counts[1], counts
+    assert_no_python_loop_over_experts(lambda experts: make(experts).eval())
 
 
 def test_plan_routers_train_every_parameter():

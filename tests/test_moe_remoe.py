@@ -5,29 +5,20 @@ sparsity 1 - k/E; against the slow reference, by hand, FLOPs counted exactly, la
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import moe_reference as ref
+from helpers import run_on_two_ranks
 from moebench.cost import CUSTOM_FLOPS
 from moebench.moe import ReMoE, discard_gate_counts, track_routing, update_l1_coefficient
-from moebench.moe.dropless import grouped_mm_available
-from test_moe import OpCounter, assert_matches_reference
+from test_moe import assert_every_parameter_trains, assert_matches_reference, assert_no_python_loop_over_experts
+from test_moe_dropless import EXPERT_MATMULS, needs_grouped
 
-
-@pytest.fixture(autouse=True)
-def _float64_and_seed():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_and_seed")  # conftest.py: float64 and seed 0 in every test
 
 
 def hand_layer(**options) -> ReMoE:
@@ -184,43 +175,24 @@ def test_a_resumed_training_ends_bit_identical_to_an_uninterrupted_one():
         assert torch.equal(a, b), name
 
 
-WORLD = 2
-
-
-def ddp_lambda_worker(rank: int, init_file: str, errors) -> None:
+def ddp_lambda_on_rank(rank: int) -> None:
     torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        full = hand_layer(l1_init=1.0).train()
-        # rank 0: 3 of 4 gates positive (sparsity 0.25), rank 1: none (sparsity 1); together 3 of 8: 0.625 < 0.75
-        x = torch.tensor([[[1.0, 1.0, 1.0, -1.0]], [[-1.0, -1.0, -1.0, -1.0]]])
-        full(x[rank:rank + 1])
-        update_l1_coefficient(full)
-        assert full.l1_coeff.item() == pytest.approx(1.2), full.l1_coeff  # rank 1 alone would divide
-    except Exception:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    full = hand_layer(l1_init=1.0).train()
+    # rank 0: 3 of 4 gates positive (sparsity 0.25), rank 1: none (sparsity 1); together 3 of 8: 0.625 < 0.75
+    x = torch.tensor([[[1.0, 1.0, 1.0, -1.0]], [[-1.0, -1.0, -1.0, -1.0]]])
+    full(x[rank:rank + 1])
+    update_l1_coefficient(full)
+    assert full.l1_coeff.item() == pytest.approx(1.2), full.l1_coeff  # rank 1 alone would divide
 
 
 @pytest.mark.slow  # two spawned processes: ~20 s on 2 busy cores
 def test_lambda_update_sums_the_gates_over_ranks(tmp_path):
-    errors = mp.get_context("spawn").SimpleQueue()
-    failure = None
-    try:
-        mp.spawn(ddp_lambda_worker, args=(str(tmp_path / "init"), errors), nprocs=WORLD, join=True)
-    except mp.ProcessRaisedException as err:
-        failure = str(err)
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages and failure is None, "\n".join(messages) or failure
+    run_on_two_ranks(ddp_lambda_on_rank, tmp_path)
 
 
 # ----------------------------------------------------------------------------- cost
 
-@pytest.mark.skipif(not grouped_mm_available(), reason="this torch has no torch._grouped_mm")
+@needs_grouped
 def test_flops_count_the_positive_gates_exactly():
     """Forward FLOPs: the gate (2 N d E) plus 4 d h per positive gate, whatever their number."""
     torch.set_default_dtype(torch.float32)
@@ -234,29 +206,16 @@ def test_flops_count_the_positive_gates_exactly():
     assert counter.get_total_flops() == 2 * B * T * d * E + 4 * active * d * h
 
 
-@pytest.mark.parametrize("matmul", ["grouped", "padded"])
+@pytest.mark.parametrize("matmul", EXPERT_MATMULS)
 def test_no_python_loop_over_experts(matmul):
-    if matmul == "grouped" and not grouped_mm_available():
-        pytest.skip("this torch has no torch._grouped_mm")
     torch.set_default_dtype(torch.float32)
-    counts = []
-    for experts in (4, 16):
-        torch.manual_seed(0)
-        layer = ReMoE(8, 16, experts, k=1, dropless_matmul=matmul).train()
-        track_routing(layer)
-        x = torch.randn(4, 16, 8, requires_grad=True)
-        with OpCounter() as counter:
-            (layer(x).sum() + layer.aux_loss).backward()
-            update_l1_coefficient(layer)
-        counts.append(counter.count)
-    assert counts[0] == counts[1], counts
+    assert_no_python_loop_over_experts(
+        lambda experts: track_routing(ReMoE(8, 16, experts, k=1, dropless_matmul=matmul).train()),
+        update_l1_coefficient)
 
 
 def test_every_parameter_trains():
-    layer = ReMoE(8, 16, 4, k=1).train()
-    (layer(torch.randn(4, 6, 8)).pow(2).sum() + layer.aux_loss).backward()
-    for name, p in layer.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trains(ReMoE(8, 16, 4, k=1))
 
 
 def test_inspection_rebuilds_the_output():
@@ -307,12 +266,11 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, overrides, line, cl
 
 
 def test_a_bad_target_is_one_line_from_a_fresh_process(tmp_path):
-    from conftest import TINY, moebench
+    from conftest import TINY, refusal_line
 
-    proc = moebench("train", *TINY, "variant=remoe_e32", "k=32", cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
-    assert proc.stderr.splitlines() == ["moebench: error: k (router.k) must be in [1, experts=32) for remoe: the "
-                                        "target sparsity 1 - k/experts must lie in (0, 1), got k=32"]
+    assert refusal_line(tmp_path, "train", *TINY, "variant=remoe_e32", "k=32") == (
+        "moebench: error: k (router.k) must be in [1, experts=32) for remoe: the target sparsity 1 - k/experts must "
+        "lie in (0, 1), got k=32")
 
 
 def test_labels():

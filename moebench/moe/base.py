@@ -92,6 +92,20 @@ def moe_layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
+def layers_with(model: nn.Module, flag: str) -> list[nn.Module]:
+    """The MoE layers of ``model`` whose attribute ``flag`` is true: ``"balancing"`` for the layers that
+    ``update_balancing_bias`` moves, ``"adapts_l1"`` for those of ``update_l1_coefficient``."""
+    return [layer for _, layer in moe_layers(model) if getattr(layer, flag, False)]
+
+
+def several_ranks(group=None) -> bool:
+    """Whether a per-step update must sum its counts over ranks first: torch.distributed initialised, with
+    more than one process in ``group``."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
 def track_routing(model: nn.Module, enabled: bool | str = True) -> nn.Module:
     """Make every MoE layer of ``model`` compute routing statistics (and every auxiliary
     loss as a metric): ``True`` on every forward, ``"train"`` on training-mode forwards
@@ -124,11 +138,11 @@ def update_balancing_bias(model: nn.Module, group=None) -> int:
     layers updated."""
     import torch.distributed as dist
 
-    layers = [layer for _, layer in moe_layers(model) if getattr(layer, "balancing", False)]
+    layers = layers_with(model, "balancing")
     if not layers:
         return 0
     loads = [layer.take_load() for layer in layers]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if several_ranks(group):
         flat = torch.cat([load.to(torch.float64) for load in loads])  # exact sums of counts
         dist.all_reduce(flat, group=group)
         loads = list(flat.split([load.numel() for load in loads]))
@@ -140,9 +154,8 @@ def update_balancing_bias(model: nn.Module, group=None) -> int:
 @torch.no_grad()
 def discard_balancing_load(model: nn.Module) -> None:
     """Forget the loads counted since the last bias update (a skipped optimizer step changes no bias)."""
-    for _, layer in moe_layers(model):
-        if getattr(layer, "balancing", False):
-            layer.take_load()
+    for layer in layers_with(model, "balancing"):
+        layer.take_load()
 
 
 def collect_metrics(model: nn.Module) -> dict[str, float]:

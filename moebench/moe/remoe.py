@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..router_options import REMOE, remoe_problem
-from .base import MoELayer
+from .base import MoELayer, layers_with, several_ranks
 from .dropless import MATMULS, Pairs, combine_rows, expert_rows, select_matmul
 from .experts import Experts
 from .metrics import load_stats, mean_pairwise_cosine
@@ -197,13 +197,11 @@ def update_l1_coefficient(model: nn.Module, group=None) -> int:
     was no training forward: nothing moves)."""
     import torch.distributed as dist
 
-    from .base import moe_layers
-
-    layers = [layer for _, layer in moe_layers(model) if getattr(layer, "adapts_l1", False)]
+    layers = layers_with(model, "adapts_l1")
     if not layers:
         return 0
     per_layer = torch.stack([layer.take_gate_counts().to(layers[0].l1_coeff.device) for layer in layers])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if several_ranks(group):
         dist.all_reduce(per_layer, group=group)
     counts = per_layer.sum(0)
     if counts[1] == 0:
@@ -218,11 +216,8 @@ def update_l1_coefficient(model: nn.Module, group=None) -> int:
 @torch.no_grad()
 def discard_gate_counts(model: nn.Module) -> None:
     """Forget the gate counts since the last update (a skipped optimizer step moves no lambda)."""
-    from .base import moe_layers
-
-    for _, layer in moe_layers(model):
-        if getattr(layer, "adapts_l1", False):
-            layer.take_gate_counts()
+    for layer in layers_with(model, "adapts_l1"):
+        layer.take_gate_counts()
 
 
 class AtTargetSparsity(ReMoE):
