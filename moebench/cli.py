@@ -91,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"moebench: unknown command {command!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    sleep_idle_openmp_threads()
+    tune_cpu_allocator()
+    try:
+        plugins.load()  # routers from outside moebench (MOEBENCH_PLUGINS): every subcommand knows them
+    except UserError as err:
+        print(f"moebench: error: {err}", file=sys.stderr)
+        return 2
     parsed = None
     if command != "train":  # its arguments alone, before torch is imported (arguments.py)
         try:
@@ -99,13 +106,6 @@ def main(argv: list[str] | None = None) -> int:
             return arguments.refusal(err)
         except SystemExit as done:  # --help, printed
             return done.code or 0
-    sleep_idle_openmp_threads()
-    tune_cpu_allocator()
-    try:
-        plugins.load()  # routers from outside moebench (MOEBENCH_PLUGINS): every subcommand knows them
-    except UserError as err:
-        print(f"moebench: error: {err}", file=sys.stderr)
-        return 2
     try:
         if command == "train":
             return train(args)
