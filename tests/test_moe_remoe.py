@@ -183,6 +183,7 @@ def ddp_lambda_on_rank(rank: int) -> None:
     full(x[rank:rank + 1])
     update_l1_coefficient(full)
     assert full.l1_coeff.item() == pytest.approx(1.2), full.l1_coeff  # rank 1 alone would divide
+    assert full.trained_gates.tolist() == [3.0, 8.0]  # the training compute counts both ranks' gates
 
 
 @pytest.mark.slow  # two spawned processes: ~20 s on 2 busy cores
