@@ -46,7 +46,7 @@ CONFIG_KEYS = {  # column -> dotted path in the resolved config
     "router": "router.name", "experts": "router.num_experts", "slots": "router.slots_per_expert",
     "k": "router.k", "capacity_factor": "router.capacity_factor", "bpr": "router.bpr",
     "dispatch": "router.dispatch", "combine": "router.combine", "model": "model.name", "data": "data.name",
-    "seed": "seed",
+    "seed": "seed", "dropless": "router.dropless",  # dropless: its label drops C and BPR (the label check rebuilds it)
 }
 # Config keys left out when grouping runs into arms and setups: the seed, run policies and bookkeeping
 # (schema.ROLES, the table resume's checks use too). What makes a setup: schema.SETUP_KEYS.
