@@ -74,14 +74,55 @@ def tiny_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+# Digits at 8x8 in 2x2 patches: a 4x4 grid of 16 tokens, 4 experts (the smoke model, 1 epoch).
+DIGITS = ["experiment=smoke", "data=digits", "data.num_test=64", "model.patch_size=2"]
+
+
+class RouterRuns(dict):
+    """One completed ``DIGITS`` run per router, trained when a test first asks for it (a selection of
+    tests trains only the routers it uses), for tests that read them. ``"soft_wandb"`` is a Soft MoE
+    run that logs to W&B (offline), for the one test of W&B logging (slow: W&B's service start)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Path:
+        router, wandb = ("soft", "wandb.mode=offline") if name == "soft_wandb" else (name, "wandb.mode=disabled")
+        proc = moebench("train", *DIGITS, f"router={router}", *SPARSE.get(router, []), wandb,
+                        f"hydra.run.dir={self.root / name}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        self[name] = self.root / name
+        return self[name]
+
+
+@pytest.fixture(scope="session")
+def router_runs(tmp_path_factory) -> RouterRuns:
+    """``router_runs[router]``: the run dir of that router's ``DIGITS`` run, trained once per session."""
+    return RouterRuns(tmp_path_factory.mktemp("routers"))
+
+
+@pytest.fixture(scope="session")
+def bf16_run(tmp_path_factory) -> Path:
+    """One completed tiny Tokens Choice run under bf16 autocast, trained once per session: for tests that only
+    read it."""
+    proc, run_dir = train(tmp_path_factory.mktemp("bf16"), "router=tokens_choice", "router.group_size=2",
+                          "precision=bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
 @pytest.fixture
 def cli_in_process(monkeypatch, capsys):
     """``moebench ARGS`` called in this process: returns (exit code, stdout, stderr).
 
-    For refusals, which end before any run starts: a fresh process spends seconds importing torch
-    for each case, the refusal itself a fraction of one. What the CLI changes process-wide (malloc
-    tuning, OMP_WAIT_POLICY, sys.argv) is kept from the test process or restored after it. A case
-    that is not refused would train here: the callers assert exit code 2.
+    For refusals, which end before any run starts, and for commands that train nothing (``--cfg``,
+    ``pareto``, ``inspect``, ``probe``) once a test has run the command in a fresh process elsewhere:
+    a fresh process spends seconds importing torch for each call, the refusal itself a fraction of
+    one. What the CLI changes process-wide (malloc tuning, OMP_WAIT_POLICY, sys.argv) is kept from
+    the test process or restored after it. A ``train`` that is not refused would train here: the
+    callers assert exit code 2 (or the ``--cfg`` output). ``measure --threads`` sets torch's threads:
+    not here.
     """
     from moebench import cli
 

@@ -13,9 +13,8 @@ from conftest import ENV, REPO, SPARSE, TINY, metric_lines, moebench, result, tr
 
 
 @pytest.mark.parametrize("router", ["soft", "tokens_choice", "experts_choice", "remoe", "dense"])
-def test_each_router_trains_and_records_cost_and_quality(tmp_path, router):
-    proc, run_dir = train(tmp_path, f"router={router}", *SPARSE.get(router, []))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_each_router_trains_and_records_cost_and_quality(router_runs, router):
+    run_dir = router_runs[router]  # conftest: trained in a fresh process once a session (test_inspect.py reads it too)
     res = result(run_dir)
     assert res["status"] == "completed"
     assert res["config"]["router"]["name"] == router
@@ -103,10 +102,12 @@ def test_one_failed_job_does_not_stop_the_sweep(tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_cfg_job_shows_shortcuts_reaching_the_router(tmp_path):
-    proc = moebench("train", "router=tokens_choice", "experts=128", "k=2", "capacity_factor=1.25", "--cfg", "job", "--resolve")
-    assert proc.returncode == 0, proc.stderr
-    assert "num_experts: 128" in proc.stdout and "k: 2" in proc.stdout and "capacity_factor: 1.25" in proc.stdout
+def test_cfg_job_shows_shortcuts_reaching_the_router(tmp_path, cli_in_process):
+    # in this process: --cfg prints the config and trains nothing (a fresh process spent seconds importing torch)
+    code, out, err = cli_in_process("train", "router=tokens_choice", "experts=128", "k=2", "capacity_factor=1.25",
+                                    "--cfg", "job", "--resolve", cwd=tmp_path)
+    assert code == 0, err
+    assert "num_experts: 128" in out and "k: 2" in out and "capacity_factor: 1.25" in out
 
 
 def test_help_and_unknown_command():
@@ -389,10 +390,8 @@ def test_non_editable_install_works_from_any_directory(tmp_path):
     assert result(work / "out")["status"] == "completed"
 
 
-def test_bf16_autocast_trains_with_finite_losses(tmp_path):
-    proc, run_dir = train(tmp_path, "router=tokens_choice", "router.group_size=2", "precision=bf16")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    losses = [line["train/loss"] for line in metric_lines(run_dir) if "train/loss" in line]
+def test_bf16_autocast_trains_with_finite_losses(bf16_run):
+    losses = [line["train/loss"] for line in metric_lines(bf16_run) if "train/loss" in line]  # conftest: trained once
     assert losses and all(0 < loss < 10 for loss in losses)
 
 

@@ -15,10 +15,10 @@ from moebench.inspection.summary import LayerSummary
 from moebench.moe import SoftMoE
 from moebench.runs import load_run, load_run_data
 
-from conftest import SPARSE, moebench
+from conftest import moebench
 
-# Digits at 8x8 with 2x2 patches: a 4x4 grid of 16 tokens, 4 experts (smoke model, 1 epoch).
-DIGITS = ["experiment=smoke", "data=digits", "data.num_test=64", "model.patch_size=2"]
+# router_runs (conftest): one run per router on conftest.DIGITS, digits at 8x8 in 2x2 patches (a 4x4 grid of 16
+# tokens), 4 experts, the smoke model for 1 epoch; trained once per session (test_cli.py reads them too).
 ROUTERS = ("soft", "tokens_choice", "experts_choice")
 FIGURES = {
     "soft": {"soft_dispatch_block1.png", "soft_combine.png"},
@@ -26,28 +26,6 @@ FIGURES = {
     "experts_choice": {"experts_choice_assignment.png"},
 }
 COMMON = {"expert_load.png", "position_rate.png", "expert_similarity.png", "training_routing.png"}
-
-
-class Runs(dict):
-    """One smoke run per router, trained when a test first asks for it: a selection of tests (the
-    default suite leaves some out) trains only the routers it uses."""
-
-    def __init__(self, root):
-        super().__init__()
-        self.root = root
-
-    def __missing__(self, router):
-        wandb = "wandb.mode=offline" if router == "soft" else "wandb.mode=disabled"  # one run checks W&B logging
-        proc = moebench("train", *DIGITS, f"router={router}", *SPARSE.get(router, []), wandb,
-                        f"hydra.run.dir={self.root / router}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        self[router] = self.root / router
-        return self[router]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return Runs(tmp_path_factory.mktemp("inspect"))
 
 
 def model_and_batch(run_dir):
@@ -58,8 +36,8 @@ def model_and_batch(run_dir):
 
 
 @pytest.mark.parametrize("router", ROUTERS)
-def test_recomputed_routing_rebuilds_each_layer_output_and_matches_its_metrics(runs, router):
-    model, images = model_and_batch(runs[router])
+def test_recomputed_routing_rebuilds_each_layer_output_and_matches_its_metrics(router_runs, router):
+    model, images = model_and_batch(router_runs[router])
     for _, layer in moe_layers(model):
         layer.track_routing = True  # the library's own statistics in eval mode, to compare with
     _, seen = capture(model, images)
@@ -111,8 +89,8 @@ def test_inspected_soft_routing_is_the_layers_own_for_every_option(options):
 
 
 @pytest.mark.parametrize("router", [pytest.param(r, marks=[] if r == "soft" else pytest.mark.slow) for r in ROUTERS])  # slow: the sparse routers' pictures (one inspect process each)
-def test_inspect_writes_the_pictures_the_index_lists_and_the_numbers_behind_them(runs, router):
-    run_dir = runs[router]
+def test_inspect_writes_the_pictures_the_index_lists_and_the_numbers_behind_them(router_runs, router):
+    run_dir = router_runs[router]
     proc = moebench("inspect", str(run_dir), "--images", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = run_dir / "inspect"
@@ -160,8 +138,8 @@ def test_inspect_writes_the_pictures_the_index_lists_and_the_numbers_behind_them
 
 
 @pytest.mark.slow  # W&B's service start
-def test_inspect_logs_to_the_runs_own_wandb_run_only_when_it_used_wandb(runs):
-    soft, tokens = runs["soft"], runs["tokens_choice"]
+def test_inspect_logs_to_the_runs_own_wandb_run_only_when_it_used_wandb(router_runs):
+    soft, tokens = router_runs["soft_wandb"], router_runs["tokens_choice"]
     for run_dir in (soft, tokens):
         if not (run_dir / "inspect").exists():
             assert moebench("inspect", str(run_dir), "--images", "2").returncode == 0
@@ -175,14 +153,15 @@ def test_inspect_logs_to_the_runs_own_wandb_run_only_when_it_used_wandb(runs):
     assert not (tokens / "wandb").exists()  # W&B disabled for that run: nothing logged
 
 
-def test_dense_run_has_no_routing_to_draw_and_bad_input_is_one_line(runs, tmp_path, cli_in_process):
-    proc = moebench("inspect", str(runs["dense"]))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = runs["dense"] / "inspect"
+def test_dense_run_has_no_routing_to_draw_and_bad_input_is_one_line(router_runs, tmp_path, cli_in_process):
+    # in this process, like the refusals below (a fresh one spends seconds importing torch first; the
+    # Soft MoE pictures above are the fresh-process `moebench inspect`)
+    code, _, err = cli_in_process("inspect", str(router_runs["dense"]), cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    out = router_runs["dense"] / "inspect"
     assert not list(out.glob("*.png")) and "no routing to draw" in (out / "index.md").read_text()
-    # the refusals in this process (a fresh one spends seconds importing torch first)
     for args, needle in ((["--images", "0"], "--images"), (["--checkpoint", "nope.pt"], "nope.pt")):
-        code, _, err = cli_in_process("inspect", str(runs["dense"]), *args, cwd=tmp_path)
+        code, _, err = cli_in_process("inspect", str(router_runs["dense"]), *args, cwd=tmp_path)
         assert code == 2 and needle in err and "Traceback" not in err
     code, _, err = cli_in_process("inspect", str(tmp_path / "missing"), cwd=tmp_path)
     assert code == 2 and "missing" in err and len(err.strip().splitlines()) == 1

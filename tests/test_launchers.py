@@ -62,13 +62,15 @@ def test_parallel_sweep_caps_threads_and_reports_a_failed_job(tmp_path):
     assert [r["label"] for r in json.loads((sweep / "pareto.json").read_text())["runs"]] == ["tokens_choice E4 k1 C1.0"]
 
 
-def test_slurm_preset_composes_with_overrides_without_submitting(tmp_path):
-    proc = moebench("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                    "hydra.launcher.timeout_min=30", "--cfg", "hydra", "--package", "hydra.launcher")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_slurm_preset_composes_with_overrides_without_submitting(tmp_path, cli_in_process):
+    # in this process: --cfg prints the config and trains nothing (the test below runs the preset in a fresh one)
+    code, out, err = cli_in_process("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                    "hydra.launcher.timeout_min=30", "--cfg", "hydra", "--package", "hydra.launcher",
+                                    cwd=tmp_path)
+    assert code == 0, err[-3000:]
     for line in ("partition: gpu", "timeout_min: 30", "gpus_per_node: 1", "array_parallelism: 32",
                  "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"):
-        assert line in proc.stdout
+        assert line in out
 
 
 FAKE_SBATCH = """#!/bin/sh

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -34,10 +35,10 @@ def test_rounds_rotate_the_order_and_the_record_keeps_medians_over_rounds(monkey
     assert {"date", "threads", "machine", "device", "runs_measured_together"} <= set(out) and out["machine"]["cpu"]
 
 
-def test_measure_rewrites_only_cost_measured_and_pareto_prefers_it(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = moebench("train", "-m", "experiment=smoke", "router=soft", "precision=fp32,bf16", f"hydra.sweep.dir={sweep}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_measure_rewrites_only_cost_measured_and_pareto_prefers_it(tmp_path, tiny_run, bf16_run, cli_in_process):
+    sweep = tmp_path / "sweep"  # conftest's session runs (fp32 Soft MoE, bf16 Tokens Choice) as two jobs of a sweep
+    shutil.copytree(tiny_run, sweep / "0_fp32")
+    shutil.copytree(bf16_run, sweep / "1_bf16")
     failed = sweep / "9_failed"
     failed.mkdir()
     (failed / "result.json").write_text(json.dumps({"status": "failed", "error": "boom", "config": {}}))
@@ -66,9 +67,10 @@ def test_measure_rewrites_only_cost_measured_and_pareto_prefers_it(tmp_path):
     assert {json.loads((run / "result.json").read_text())["cost_measured"]["precision"] for run in runs} == {"fp32", "bf16"}
     assert json.loads((failed / "result.json").read_text()) == {"status": "failed", "error": "boom", "config": {}}
 
-    proc = moebench("pareto", str(sweep), "--wandb-mode", "disabled", "--allow-mixed")  # fp32 and bf16: two setups
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "timings from `moebench measure` (cost_measured) for 2 of 2 runs" in proc.stdout
+    # in this process (test_pareto.py runs the command in a fresh one); fp32 and bf16: two setups
+    code, out, err = cli_in_process("pareto", str(sweep), "--wandb-mode", "disabled", "--allow-mixed", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    assert "timings from `moebench measure` (cost_measured) for 2 of 2 runs" in out
     rows = json.loads((sweep / "pareto.json").read_text())["runs"]
     for row in rows:
         measured = json.loads((sweep / row["run"] / "result.json").read_text())["cost_measured"]
@@ -76,9 +78,10 @@ def test_measure_rewrites_only_cost_measured_and_pareto_prefers_it(tmp_path):
         assert row["train_ms_per_image"] == pytest.approx(measured["train_ms_per_image"])
 
 
-def test_measure_errors_are_one_line(tmp_path, capsys):
-    proc = moebench("measure", str(tmp_path / "nope"))  # end to end once: exit code, one line, no traceback
-    assert proc.returncode == 2 and proc.stderr.strip() == f"moebench: error: {tmp_path / 'nope'}: no such run or sweep directory"
+def test_measure_errors_are_one_line(tmp_path, capsys, cli_in_process):
+    # through the CLI in this process (the test above runs `moebench measure` in a fresh one): exit code, one line
+    code, _, err = cli_in_process("measure", str(tmp_path / "nope"), cwd=tmp_path)
+    assert code == 2 and err.strip() == f"moebench: error: {tmp_path / 'nope'}: no such run or sweep directory"
     run = tmp_path / "run"
     run.mkdir()
     (run / "result.json").write_text(json.dumps({"status": "completed", "config": {}}))

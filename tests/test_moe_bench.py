@@ -80,11 +80,12 @@ def test_bench_reports_every_ratio_and_imports_peers_from_a_directory(tmp_path):
     assert "| soft64/E=8 |" in md.read_text()
 
 
-def test_bench_refuses_bad_arguments_in_one_line(tmp_path):
+def test_bench_refuses_bad_arguments_in_one_line(tmp_path, cli_in_process):
+    # refusals: in this process (a fresh one spends seconds importing torch first; the test above is the fresh one)
     for args, word in ((["--experts", "0"], "--experts"), (["--peers", str(tmp_path / "missing")], "--peers")):
-        proc = bench(*args)
-        assert proc.returncode == 2
-        assert "Traceback" not in proc.stderr and word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        code, _, err = cli_in_process("bench", *args, cwd=tmp_path)
+        assert code == 2
+        assert "Traceback" not in err and word in err and len(err.strip().splitlines()) == 1
 
 
 PLANTED = '''
@@ -93,7 +94,7 @@ pathlib.Path(__file__).parents[2].joinpath("planted-code-ran").write_text("yes")
 '''
 
 
-def test_bench_refuses_peers_others_can_write_or_own_and_make_keeps_them_out_of_tmp(tmp_path):
+def test_bench_refuses_peers_others_can_write_or_own_and_make_keeps_them_out_of_tmp(tmp_path, cli_in_process):
     peers = tmp_path / "peers"
     package = peers / "soft-moe-pytorch" / "soft_moe_pytorch"
     package.mkdir(parents=True)
@@ -107,10 +108,12 @@ def test_bench_refuses_peers_others_can_write_or_own_and_make_keeps_them_out_of_
         path.chmod(mode)
         if owner is not None:
             os.chown(path, owner, -1)
-        proc = bench(*TINY, "--only", "dense", "--no-inference", "--peers", str(peers))
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert proc.stderr.splitlines() == [f"moebench: error: refusing to import peers from --peers {peers}: "
-                                            f"{path} {reason}" + ("; chmod go-w it" if owner is None else "")]
+        # in this process: the check comes before any import of the peers (the planted file says if one ran)
+        code, _, err = cli_in_process("bench", *TINY, "--only", "dense", "--no-inference", "--peers", str(peers),
+                                      cwd=tmp_path)
+        assert code == 2, err[-2000:]
+        assert err.splitlines() == [f"moebench: error: refusing to import peers from --peers {peers}: "
+                                    f"{path} {reason}" + ("; chmod go-w it" if owner is None else "")]
         assert not (peers / "planted-code-ran").exists()
         path.chmod(before.st_mode & 0o777)
         if owner is not None:

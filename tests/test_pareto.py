@@ -72,7 +72,7 @@ def test_aggregate_marks_frontiers_skips_unfinished_and_is_repeatable(tmp_path):
     assert {name: (sweep / name).read_bytes() for name in files} == files  # same files again
 
 
-def test_sweep_callback_and_command_with_a_failing_job(tmp_path):
+def test_sweep_callback_and_command_with_a_failing_job(tmp_path, cli_in_process):
     sweep = tmp_path / "sweep"
     proc = moebench("train", "-m", "experiment=smoke", "router=tokens_choice", "router.group_size=2", "k=1,2,9",
                     "wandb.mode=offline", f"hydra.sweep.dir={sweep}")
@@ -88,11 +88,13 @@ def test_sweep_callback_and_command_with_a_failing_job(tmp_path):
     pareto_runs = [p for p in (sweep / "wandb").glob("offline-run-*")]
     assert len(pareto_runs) == 1 and list(pareto_runs[0].rglob("*.table.json"))
 
+    # the command on the sweep, in this process (test_faults.py runs `moebench pareto` in a fresh one)
     out = tmp_path / "again"
-    proc = moebench("pareto", str(sweep), "--out", str(out), "--wandb-mode", "disabled")
-    assert proc.returncode == 0, proc.stderr
+    code, stdout, err = cli_in_process("pareto", str(sweep), "--out", str(out), "--wandb-mode", "disabled",
+                                       cwd=tmp_path)
+    assert code == 0, err
     assert (out / "pareto.csv").read_text() == (sweep / "pareto.csv").read_text()
-    assert "left out: " in proc.stdout and "k (router.k)" in proc.stdout
+    assert "left out: " in stdout and "k (router.k)" in stdout
 
 
 def test_pareto_command_on_a_missing_path_is_one_line(tmp_path, cli_in_process):
