@@ -27,6 +27,7 @@ a choice.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +103,24 @@ def _padded(experts, x: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, int]:
     return out.reshape(num_experts * load, dim).index_select(0, slot), load
 
 
+def eager_under_compile(fn):
+    """``torch.compiler.disable(fn)``, made at the first call: the decorator imports torch._dynamo, which costs
+    as much as importing torch itself and which only a compiled model needs (torch.compile has imported it)."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
+
+
 # Eager under torch.compile: the shapes are data-dependent, and the grouped matmul's meta kernel (what tracing
 # runs) refuses float32, which the CPU kernel computes.
-@torch.compiler.disable
+@eager_under_compile
 def expert_rows(experts, x: torch.Tensor, pairs: Pairs, matmul: str) -> tuple[torch.Tensor, float]:
     """Every pair's expert output (A, d), in pair order, under the caller's autocast; and the share of the
     computed rows that were padding (0 for the grouped matmul)."""
