@@ -15,6 +15,9 @@
 #   -fine           neither split nor shared expert (top-1 of 32; a shared expert needs the split at k=1)
 #   dropless        variant=tc_e32_k1_dropless: V-MoE's Tokens Choice without capacity
 #   remoe           variant=remoe_e32: ReLU gates, L1 penalty towards sparsity 1 - 1/32
+# and a test of why the full router trails its "-bias" ablation (added after the first CIFAR-10 seeds):
+#   deepseek-u0.01  the bias at 10x DeepSeek-V3's rate: the sign update moves a bias by at most u per step,
+#                   and at u = 0.001 the CIFAR-10 runs dropped most routed choices until step ~800 of 1,053
 # pooled with the committed runs of the same setup: dense, Tokens Choice (V-MoE), Experts Choice
 # (recipes 1 and 11) and Soft MoE at logit scale 8 (recipes 7 and 11).
 # Expected runtime on 2 CPU cores: 25-35 minutes per CIFAR-10 or Tiny-ImageNet run at one thread
@@ -31,6 +34,7 @@ arms=(
   "deepseek-fine variant=tc_deepseek_e32 router.granularity=1 router.shared_experts=0"
   "dropless variant=tc_e32_k1_dropless"
   "remoe variant=remoe_e32"
+  "deepseek-u0.01 variant=tc_deepseek_e32 router.bias_rate=0.01"
 )
 case ${1:-} in
 run)

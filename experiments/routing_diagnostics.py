@@ -3,7 +3,8 @@
     python experiments/routing_diagnostics.py RUN_DIR... [--json OUT]
 
 Per run, averaged over its MoE blocks: the routing metrics of its last logged
-training step (metrics.jsonl: dispatch/combine max and entropy, drops, ...)
+training step (metrics.jsonl: dispatch/combine max and entropy, drops, ...) and
+their mean over all its logged steps
 and the weight diagnostics of its final model (moebench.moe.collect_diagnostics
 on last.pt: expert, slot-parameter and gate similarity, Soft MoE's scale). The
 weight diagnostics are recomputed from the checkpoint, so runs trained before
@@ -23,10 +24,18 @@ from moebench.pareto.records import read_run
 from moebench.runs import load_run
 
 
-def last_routing_metrics(run_dir: Path) -> dict[str, float]:
+def logged_routing_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The routing metrics of every logged training step, in step order."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    routed = [line for line in lines if any(key.startswith("routing/") for key in line)]
-    return {key: value for key, value in routed[-1].items() if key.startswith("routing/")} if routed else {}
+    routed = [{key: value for key, value in line.items() if key.startswith("routing/")} for line in lines]
+    return [line for line in routed if line]
+
+
+def mean_over_steps(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the logged steps that have it: what the router did during training, where the
+    last step says where it ended (a balancing that is slow to act differs most between the two)."""
+    names = {name for step in steps for name in step}
+    return {name: statistics.fmean(step[name] for step in steps if name in step) for name in sorted(names)}
 
 
 def per_key_mean(values: dict[str, float]) -> dict[str, float]:
@@ -40,11 +49,13 @@ def per_key_mean(values: dict[str, float]) -> dict[str, float]:
 def diagnose(run_dir: Path) -> dict:
     run = load_run(run_dir)
     record = read_run(run_dir)
+    steps = logged_routing_metrics(run_dir)
     return {
         "run": str(run_dir),
         "label": record.label,  # the run's arm, as moebench pareto names it
         "seed": record.get("seed"),
-        "routing_last_step": per_key_mean(last_routing_metrics(run_dir)),
+        "routing_last_step": per_key_mean(steps[-1] if steps else {}),
+        "routing_training_mean": per_key_mean(mean_over_steps(steps)),
         "weights": per_key_mean(collect_diagnostics(run.model)),
         "top1": (run.result or {}).get("quality", {}).get("top1"),
     }

@@ -141,7 +141,9 @@ def test_recipe_7s_diagnostics_and_recipe_9s_trials_are_generated_and_checked(tm
 
 def test_a_router_diagnostics_table_gives_each_arms_range_over_seeds(tmp_path):
     def run(label, seed, top1, **routing):
-        return {"run": f"s{seed}/x", "label": label, "seed": seed, "top1": top1, "routing_last_step": routing}
+        means = {name: value / 2 for name, value in routing.items() if name in ("dropped", "load_max_over_mean")}
+        return {"run": f"s{seed}/x", "label": label, "seed": seed, "top1": top1, "routing_last_step": routing,
+                "routing_training_mean": means}
     records = tmp_path / "routing_diagnostics.json"
     records.write_text(json.dumps([
         run("tc bias", 1, 0.52, dropped=0.30, load_max_over_mean=1.8, load_cv=0.2, bias_spread=0.4),
@@ -149,11 +151,26 @@ def test_a_router_diagnostics_table_gives_each_arms_range_over_seeds(tmp_path):
         run("remoe", 0, 0.55, load_max_over_mean=1.2, load_cv=0.1, experts_per_token=1.1, tokens_0_experts=0.05)]))
     table = report_tables.generate(f"router-diagnostics {records}", tmp_path / "page.md").splitlines()
     assert table[2:] == [  # best mean first; seeds in order; a figure the router does not log is -
-        "| remoe | 0 | 55.00 | - | 1.2 | 0.1 | - | 1.1 | 0.05 |",
-        "| tc bias | 0, 1 | 50.00, 52.00 | 0.3-0.34 | 1.8 | 0.2-0.3 | 0.4-0.5 | - | - |"]
-    records.write_text(json.dumps([{k: v for k, v in run("a", 0, 0.5).items() if k != "label"}]))
-    with pytest.raises(report_tables.TableError, match="re-run it"):
-        report_tables.generate(f"router-diagnostics {records}", tmp_path / "page.md")
+        "| remoe | 0 | 55.00 | - | 1.2 | 0.1 | - | 1.1 | 0.05 | - | 0.6 |",
+        "| tc bias | 0, 1 | 50.00, 52.00 | 0.3-0.34 | 1.8 | 0.2-0.3 | 0.4-0.5 | - | - | 0.15-0.17 | 0.9 |"]
+    for older in ("label", "routing_training_mean"):  # records of an older routing_diagnostics.py
+        records.write_text(json.dumps([{k: v for k, v in run("a", 0, 0.5).items() if k != older}]))
+        with pytest.raises(report_tables.TableError, match="re-run it"):
+            report_tables.generate(f"router-diagnostics {records}", tmp_path / "page.md")
+
+
+def test_routing_diagnostics_gives_the_last_step_and_each_metrics_mean_over_the_steps_that_logged_it(tmp_path):
+    import routing_diagnostics
+
+    lines = [{"step": 1, "train/loss": 2.0},  # a line without routing metrics is not a step of them
+             {"step": 50, "routing/blocks.2.mlp/dropped": 0.5, "routing/blocks.3.mlp/dropped": 0.3},
+             {"step": 100, "routing/blocks.2.mlp/dropped": 0.1, "routing/blocks.3.mlp/dropped": 0.1,
+              "routing/blocks.3.mlp/bias_spread": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    steps = routing_diagnostics.logged_routing_metrics(tmp_path)
+    assert len(steps) == 2 and routing_diagnostics.per_key_mean(steps[-1]) == {"bias_spread": 0.4, "dropped": 0.1}
+    means = routing_diagnostics.per_key_mean(routing_diagnostics.mean_over_steps(steps))
+    assert means == pytest.approx({"bias_spread": 0.4, "dropped": 0.25})  # blocks' means 0.3 and 0.2
 
 
 def test_a_redrawn_picture_is_titled_with_its_setup_and_the_counts_of_its_records():
