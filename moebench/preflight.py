@@ -124,6 +124,9 @@ def check_config(args: list[str], config_dir: str) -> Checked:
             arguments.check_eval_probe(config)  # (the app checks it again: torchrun's ranks skip this)
             search.check(cfg)  # objective names; under hydra/sweeper=optuna, one fitting direction each
             check_data(cfg, command.warnings)
+            caveat = router_caveat(config)
+            if caveat and caveat not in command.warnings:  # once for a sweep
+                command.warnings.append(caveat)
             if not command.multirun:  # under -m a job with a bad router fails alone, in the sweep
                 check_router(config)
             if cfg.get("init_from"):
@@ -210,6 +213,16 @@ def run_identity(cfg) -> str:
     inert = {f"router.{key}" for key in ignored(router)} if ignored is not None else set()
     return json.dumps({key: value for key, value in config.items() if key not in schema.UNCHECKED and key not in inert},
                       sort_keys=True, default=str)
+
+
+def router_caveat(config: dict) -> str | None:
+    """The router's warning for options that train, but not as one may expect (``caveat`` in router_options.py);
+    None for options its rules refuse (the refusal says why)."""
+    router = config.get("router") or {}
+    declared = router_options.declared(router.get("name"))
+    caveat = getattr(declared, "caveat", None)  # a plugin router may predate the field
+    options = {key: value for key, value in router.items() if key not in ("name", "lr_mult")}
+    return caveat(options) if caveat is not None and declared.check(options) is None else None
 
 
 def repeated_job_warnings(groups) -> list[str]:

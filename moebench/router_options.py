@@ -34,11 +34,12 @@ def none_ignored(options: Options) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Declared:
-    """The config side of a router (registry.Router carries the same three fields)."""
+    """The config side of a router (registry.Router carries the same fields)."""
     options: dict[str, Spec]  # option key -> type and range
     check: Callable[[Options], str | None] = no_rule  # rules between options: the error line, or None
     check_sizes: Callable[[Options, int, int], str | None] = no_size_rule  # and with the layer's (dim, hidden_dim)
     ignored: Callable[[Options], tuple[str, ...]] = none_ignored  # options these values make inert (duplicate jobs)
+    caveat: Callable[[Options], str | None] = no_rule  # a setting that trains, but not as one may expect: the warning
 
 
 SOFT_MODES = ("soft", "uniform", "identity")  # Soft MoE's dispatch and combine (the paper's Table 2 ablations)
@@ -90,6 +91,16 @@ def tokens_choice_problem(r: Options, hidden_dim: int | None = None) -> str | No
     return None
 
 
+def tokens_choice_caveat(r: Options) -> str | None:
+    """The sigmoid gate with one routed choice: renormalised over that one choice, every gate is exactly 1."""
+    r = {**TOKENS_CHOICE_DEFAULTS, **{key: value for key, value in r.items() if value is not None}}
+    if r["gate"] == "sigmoid" and r["k"] * r["granularity"] - r["shared_experts"] == 1:
+        return ("router.gate=sigmoid with one routed choice per token: the gate, the chosen score over the chosen "
+                "scores' sum, is 1 for every token, so the loss gives the router no gradient (it keeps its initial "
+                "weights, moved only by weight decay and any balancing loss); route k > 1 choices or use the softmax")
+    return None
+
+
 def tokens_choice_ignored(r: Options) -> tuple[str, ...]:
     """Tokens Choice's options that change nothing at these values: capacity and BPR order drops, and a
     dropless layer drops nothing; the plan's iterations matter only to a plan."""
@@ -115,6 +126,7 @@ TOKENS_CHOICE = Declared(
     check=lambda r: tokens_choice_problem(r),
     check_sizes=lambda r, dim, hidden_dim: tokens_choice_problem(r, hidden_dim),  # granularity divides the width
     ignored=tokens_choice_ignored,
+    caveat=tokens_choice_caveat,
 )
 
 EXPERTS_CHOICE = Declared({**GROUPED_OPTIONS, "assignment": Choice("softmax", "sinkhorn", "sparse_ot", nullable=True),

@@ -193,6 +193,21 @@ def test_jobs_that_differ_only_in_keys_their_router_ignores_are_named_before_the
     assert command.warnings == []  # every job its own run
 
 
+def test_a_sigmoid_gate_over_one_routed_choice_is_one_warning_before_training(tmp_path):
+    # its gate is 1 for every token, so the router never learns (test_moe_deepseek pins the gradient)
+    from moebench import preflight
+    from moebench.build import conf_dir
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    one_routed = ["experiment=smoke", "variant=tc_deepseek_e32", "router.granularity=1", "router.shared_experts=0"]
+    command = preflight.prepare(["-m", *one_routed, "seed=0,1", sweep], conf_dir())
+    assert [w for w in command.warnings if "router.gate=sigmoid" in w] == [  # once for the sweep
+        "router.gate=sigmoid with one routed choice per token: the gate, the chosen score over the chosen scores' "
+        "sum, is 1 for every token, so the loss gives the router no gradient (it keeps its initial weights, moved "
+        "only by weight decay and any balancing loss); route k > 1 choices or use the softmax"]
+    for fine in (["experiment=smoke", "variant=tc_deepseek_e32"], [*one_routed, "router.gate=softmax"]):
+        assert preflight.prepare(["-m", *fine, sweep], conf_dir()).warnings == []
+
+
 def test_jobs_that_differ_only_in_options_a_setting_makes_inert_are_named_before_the_sweep(tmp_path):
     # dropless Tokens Choice has no capacity (nothing to drop, nothing for BPR to order): a sweep over
     # capacity_factor or bpr trains one run several times; with capacity, each job is its own run.

@@ -38,6 +38,8 @@ class Router:
     # rules between the options and the layer's (dim, hidden_dim), when the config knows them: the error line, or None
     ignored: Callable[[Options], tuple[str, ...]] = lambda options: ()
     # options that change nothing at these values (e.g. capacity when dropless): jobs differing only there repeat a run
+    caveat: Callable[[Options], str | None] = no_rule
+    # a setting that trains, but not as one may expect (e.g. a constant gate): the warning line, or None
     routed: bool = True  # False: the dense baseline (no MoE blocks, no experts to shard or upcycle into)
     replaces_blocks: Callable[[Options], bool] = never  # unrouted only: still replaces the MoE blocks' MLPs
     unused_parameters: Callable[[Options], bool] = never  # a forward may leave parameters without gradient (DDP)

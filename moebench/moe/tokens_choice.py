@@ -66,7 +66,8 @@ class TokensChoiceMoE(SparseMoE):
       s = sigmoid(noisy logits) instead of the softmax; each token's top-k experts are chosen by s
       (plus the balancing bias); its gate values are the chosen scores renormalised to sum to 1 over
       the k chosen (dropped ones included: capacity drops after the gates are set), times
-      ``routed_scaling``. ``routed_scaling`` multiplies the softmax gate's values too (as ``Gate``
+      ``routed_scaling``. Over one routed choice that is 1 for every token, so the loss gives the
+      router no gradient (as in V3's ``Gate``; the CLI warns: ``router_options.tokens_choice_caveat``). ``routed_scaling`` multiplies the softmax gate's values too (as ``Gate``
       does for both score functions; V2's softmax gates are not renormalised). BPR serves tokens by
       their top selection score (score plus bias). The statistics and the losses that need a
       distribution over experts (importance, Switch, gate entropy, ``routing().gates``) read the
@@ -450,7 +451,7 @@ register(Router(
     name="tokens_choice",
     build=lambda dim, hidden_dim, num_tokens, options: TokensChoiceMoE(dim, hidden_dim, **options),
     options=TOKENS_CHOICE.options, check=TOKENS_CHOICE.check, check_sizes=TOKENS_CHOICE.check_sizes,  # router_options.py
-    ignored=TOKENS_CHOICE.ignored,
+    ignored=TOKENS_CHOICE.ignored, caveat=TOKENS_CHOICE.caveat,
     label=_label, marker="s", order=1,
     # The bench's own tokens_choice/E= rows time the softmax twin (same k, capacity, no noise): the gap is the plan's
     # cost, or that of DeepSeek's pieces (variant tc_deepseek_e32's router: split 4 ways when the width allows).
