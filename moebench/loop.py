@@ -112,7 +112,8 @@ class RunState:
     signum: int | None = None  # the signal that preempted it
     diverged: dict | None = None  # where and how it diverged
     init_from: dict | None = None  # the run it started from (init_from), and that run's training cost
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # this process's start (train.time_limit_min counts from it)
+    time_before_s: float = 0.0  # training seconds of the processes this run resumed from, up to their checkpoint
     last_checkpoint: float = field(default_factory=time.monotonic)
 
     @property
@@ -265,6 +266,7 @@ def restore(run: RunState, ckpt: dict) -> None:
     run.best = ckpt.get("best", run.best)
     run.last_eval = ckpt.get("last_eval", {})
     run.skipped_steps = ckpt.get("skipped_steps", 0)
+    run.time_before_s = ckpt.get("train_time_s", 0.0)  # (checkpoints before 2026-12-02 do not carry it)
     run.last_finite_loss = ckpt.get("last_finite_loss")
     run.init_from = ckpt.get("init_from")
     run.throughput.load_state_dict(ckpt.get("throughput", {}))
@@ -427,7 +429,7 @@ def save_run_checkpoint(run: RunState, is_best: bool = False) -> None:
         "epoch": run.epoch, "batch": run.batch, "step": run.step, "best": run.best, "last_eval": run.last_eval,
         "skipped_steps": run.skipped_steps, "last_finite_loss": run.last_finite_loss, "config": run.config,
         "wandb_id": run.recorder.wandb_run_id if run.recorder else None, "throughput": run.throughput.state_dict(),
-        "init_from": run.init_from,
+        "init_from": run.init_from, "train_time_s": run.time_before_s + time.monotonic() - run.started,
     })
     run.last_checkpoint = time.monotonic()
 

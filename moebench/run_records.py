@@ -31,6 +31,7 @@ def record_so_far(run) -> dict:
     }
     if "top5" in last_eval:
         quality["top5"] = last_eval["top5"]
+    this_process = time.monotonic() - run.started
     record = {
         "config": run.config,
         "cost": {"params_total": run.params["total"], "params_active": run.params["active"],
@@ -39,7 +40,10 @@ def record_so_far(run) -> dict:
         "status": run.outcome,
         "epochs_completed": run.epoch,
         "position": {"epoch": run.epoch, "batch": run.batch, "step": run.step},
-        "train_time_s": time.monotonic() - run.started,
+        # the training behind this result, summed over the processes it resumed from (work a kill lost after the
+        # last checkpoint is not counted: it was done again), and this process's share
+        "train_time_s": run.time_before_s + this_process,
+        "train_time_s_this_process": this_process,
         "device": str(run.device),
         "processes": run.ranks.world_size,
         "threads": torch.get_num_threads(),

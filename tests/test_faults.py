@@ -133,10 +133,14 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert proc.returncode == -signal.SIGKILL
     assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 2  # the 2nd write, whole
     assert list(run_dir.glob(".last.pt.*.tmp"))  # the write that was cut short never replaced it
+    before = torch.load(run_dir / "last.pt", weights_only=True)["train_time_s"]
     proc = moebench("train", *RUN, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(run_dir.glob(".*.tmp"))  # leftovers cleaned up
     assert_same_run(straight, run_dir)
+    # the run's training time: the killed process's up to its last whole checkpoint, and the resumed one's
+    res = result(run_dir)
+    assert before > 0 and res["train_time_s"] == pytest.approx(before + res["train_time_s_this_process"])
 
 
 def test_a_full_disk_is_one_clear_error_and_earlier_files_stay_intact(tmp_path):
