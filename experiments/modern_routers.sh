@@ -17,11 +17,13 @@
 #   remoe           variant=remoe_e32: ReLU gates, L1 penalty towards sparsity 1 - 1/32
 # and a test of why the full router trails its "-bias" ablation (added after the first CIFAR-10 seeds):
 #   deepseek-u0.01  the bias at 10x DeepSeek-V3's rate: the sign update moves a bias by at most u per step,
-#                   and at u = 0.001 the CIFAR-10 runs dropped most routed choices until step ~800 of 1,053
+#                   and at u = 0.001 the CIFAR-10 runs' busiest expert took several times the mean load for
+#                   most of their 1,053 steps
 # pooled with the committed runs of the same setup: dense, Tokens Choice (V-MoE), Experts Choice
 # (recipes 1 and 11) and Soft MoE at logit scale 8 (recipes 7 and 11).
-# Expected runtime on 2 CPU cores: 25-35 minutes per CIFAR-10 or Tiny-ImageNet run at one thread
-# (recipe 14's runs, measured 2026-12-01); 42 runs in about 10 hours with 2 lanes.
+# Expected runtime on 2 CPU cores at one thread per run: 11-34 minutes per CIFAR-10 run (this recipe's,
+# 2026-12-02, by the machine's load), 26-42 per Tiny-ImageNet run (recipe 14's); 48 runs in about 12 hours
+# with 2 lanes.
 set -euo pipefail
 here=$(dirname "$0")
 out=multirun/modern_routers
@@ -69,8 +71,10 @@ report)
     "$python" "$here/pool_frontier.py" --out "$res/modern_routers_$d" --title "$title: today's LM routers, Soft MoE and dense" \
       "${pooled[@]}" "$out/$d/pareto.json"
     "$python" "$here/compare_arms.py" "$res/modern_routers_$d/pareto.json" --reference "$tc" --reference "$soft"
-    finished=()  # runs still training have no result.json (nor, at first, a checkpoint) yet
-    for f in "$out/$d"/s*/[0-9]*_*/result.json; do finished+=("$(dirname "$f")"); done
+    finished=()  # completed runs (one still training has no result.json yet; a preempted one says "preempted")
+    for f in "$out/$d"/s*/[0-9]*_*/result.json; do
+      grep -q '"status": "completed"' "$f" && finished+=("$(dirname "$f")")
+    done
     "$python" "$here/routing_diagnostics.py" "${finished[@]}" --json "$res/modern_routers_$d/routing_diagnostics.json" > /dev/null
   done
   ;;

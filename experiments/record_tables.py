@@ -15,9 +15,10 @@ the range over seeds of each figure routing_diagnostics.py wrote. A run named on
 variant (recipe 7's scale-8 cell, ``variant=soft_e64_s8_onedraw``) takes its scale and init
 from that variant's file in conf/variant.
 
-router-diagnostics: a study's routing health per arm (as moebench pareto labels it): the range over seeds of load, drops, the selection bias's spread and ReMoE's experts per token
-at the last logged step, and of drops and load over the whole training (their mean over the logged steps), as
-routing_diagnostics.py wrote them.
+router-diagnostics: a study's routing health per arm (as moebench pareto labels it): the range over seeds
+of load, drops, the selection bias's spread and ReMoE's experts per token at the last logged step, and of
+drops and load over the whole training (their mean over the logged steps), as routing_diagnostics.py
+wrote them.
 """
 
 from __future__ import annotations

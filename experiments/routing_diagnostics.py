@@ -4,7 +4,7 @@
 
 Per run, averaged over its MoE blocks: the routing metrics of its last logged
 training step (metrics.jsonl: dispatch/combine max and entropy, drops, ...) and
-their mean over all its logged steps
+their mean over all its logged steps, and the course of a few of them (``TRAJECTORY``) step by step
 and the weight diagnostics of its final model (moebench.moe.collect_diagnostics
 on last.pt: expert, slot-parameter and gate similarity, Soft MoE's scale). The
 weight diagnostics are recomputed from the checkpoint, so runs trained before
@@ -24,11 +24,22 @@ from moebench.pareto.records import read_run
 from moebench.runs import load_run
 
 
+# The figures whose course over training the records keep (block means at every logged step): balancing's pace.
+TRAJECTORY = ("dropped", "load_max_over_mean", "load_cv", "bias_max", "bias_spread", "experts_per_token",
+              "tokens_0_experts")
+
+
+def logged_routing_steps(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
+    """(step, routing metrics) of every logged training step, in step order."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    routed = [(line.get("step"), {key: value for key, value in line.items() if key.startswith("routing/")})
+              for line in lines]
+    return [(step, metrics) for step, metrics in routed if metrics]
+
+
 def logged_routing_metrics(run_dir: Path) -> list[dict[str, float]]:
     """The routing metrics of every logged training step, in step order."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    routed = [{key: value for key, value in line.items() if key.startswith("routing/")} for line in lines]
-    return [line for line in routed if line]
+    return [metrics for _, metrics in logged_routing_steps(run_dir)]
 
 
 def mean_over_steps(steps: list[dict[str, float]]) -> dict[str, float]:
@@ -49,13 +60,16 @@ def per_key_mean(values: dict[str, float]) -> dict[str, float]:
 def diagnose(run_dir: Path) -> dict:
     run = load_run(run_dir)
     record = read_run(run_dir)
-    steps = logged_routing_metrics(run_dir)
+    logged = logged_routing_steps(run_dir)
+    step_numbers, steps = [step for step, _ in logged], [metrics for _, metrics in logged]
     return {
         "run": str(run_dir),
         "label": record.label,  # the run's arm, as moebench pareto names it
         "seed": record.get("seed"),
         "routing_last_step": per_key_mean(steps[-1] if steps else {}),
         "routing_training_mean": per_key_mean(mean_over_steps(steps)),
+        "routing_steps": [{"step": step, **{key: value for key, value in per_key_mean(metrics).items()
+                                            if key in TRAJECTORY}} for step, metrics in zip(step_numbers, steps)],
         "weights": per_key_mean(collect_diagnostics(run.model)),
         "top1": (run.result or {}).get("quality", {}).get("top1"),
     }

@@ -97,7 +97,8 @@ def tokens_choice_caveat(r: Options) -> str | None:
     if r["gate"] == "sigmoid" and r["k"] * r["granularity"] - r["shared_experts"] == 1:
         return ("router.gate=sigmoid with one routed choice per token: the gate, the chosen score over the chosen "
                 "scores' sum, is 1 for every token, so the loss gives the router no gradient (it keeps its initial "
-                "weights, moved only by weight decay and any balancing loss); route k > 1 choices or use the softmax")
+                "weights, moved only by weight decay and any auxiliary loss); route more than one choice or use "
+                "the softmax")
     return None
 
 

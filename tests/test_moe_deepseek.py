@@ -106,17 +106,18 @@ def test_sigmoid_gates_by_hand():
 
 
 def test_a_sigmoid_gate_over_one_routed_choice_gives_the_router_no_gradient(float64_and_seed):
-    """Renormalised over a single choice every gate is exactly 1 (DeepSeek-V3's Gate does the same): the
-    task loss cannot reach the router, which keeps choosing by its initial weights. Two routed choices, or
-    one routed beside a shared expert split from the same width, do train it; the CLI warns of the first."""
+    """Renormalised over a single routed choice every gate is exactly 1 (DeepSeek-V3's Gate does the same):
+    the task loss cannot reach the router, which keeps choosing by its initial weights; a shared expert
+    beside that one choice does not change it. Two routed choices, three beside a shared one, or the
+    softmax do train it. The CLI warns exactly where the router gets no gradient."""
     x = torch.randn(2, 8, 6)
     for options, trains in ((dict(k=1), False), (dict(k=2), True), (dict(k=1, granularity=2, shared_experts=1), False),
                             (dict(k=1, granularity=4, shared_experts=1), True), (dict(k=1, gate="softmax"), True)):
         layer = deepseek(experts=4, capacity_factor=2.0, noise_std=0.0, **{"gate": "sigmoid", **options})
         layer(x).pow(2).sum().backward()
         assert (layer.gate.weight.grad.abs().max() > 1e-6) == trains, options
-        assert (router_options.tokens_choice_caveat(options | {"num_experts": 4, "gate": options.get("gate", "sigmoid")})
-                is None) == trains, options
+        declared = {"num_experts": 4, "gate": "sigmoid", **options}
+        assert (router_options.tokens_choice_caveat(declared) is None) == trains, options
 
 
 def test_sigmoid_bpr_serves_the_top_selection_score_first():

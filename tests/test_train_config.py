@@ -203,7 +203,7 @@ def test_a_sigmoid_gate_over_one_routed_choice_is_one_warning_before_training(tm
     assert [w for w in command.warnings if "router.gate=sigmoid" in w] == [  # once for the sweep
         "router.gate=sigmoid with one routed choice per token: the gate, the chosen score over the chosen scores' "
         "sum, is 1 for every token, so the loss gives the router no gradient (it keeps its initial weights, moved "
-        "only by weight decay and any balancing loss); route k > 1 choices or use the softmax"]
+        "only by weight decay and any auxiliary loss); route more than one choice or use the softmax"]
     for fine in (["experiment=smoke", "variant=tc_deepseek_e32"], [*one_routed, "router.gate=softmax"]):
         assert preflight.prepare(["-m", *fine, sweep], conf_dir()).warnings == []
 
