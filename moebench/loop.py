@@ -114,6 +114,7 @@ class RunState:
     init_from: dict | None = None  # the run it started from (init_from), and that run's training cost
     started: float = field(default_factory=time.monotonic)  # this process's start (train.time_limit_min counts from it)
     time_before_s: float = 0.0  # training seconds of the processes this run resumed from, up to their checkpoint
+    time_partial: bool = False  # some of those processes' time is unknown (a checkpoint older than 9963816)
     last_checkpoint: float = field(default_factory=time.monotonic)
 
     @property
@@ -266,7 +267,8 @@ def restore(run: RunState, ckpt: dict) -> None:
     run.best = ckpt.get("best", run.best)
     run.last_eval = ckpt.get("last_eval", {})
     run.skipped_steps = ckpt.get("skipped_steps", 0)
-    run.time_before_s = ckpt.get("train_time_s", 0.0)  # (checkpoints before 2026-12-02 do not carry it)
+    run.time_before_s = ckpt.get("train_time_s", 0.0)
+    run.time_partial = "train_time_s" not in ckpt or bool(ckpt.get("train_time_s_partial"))
     run.last_finite_loss = ckpt.get("last_finite_loss")
     run.init_from = ckpt.get("init_from")
     run.throughput.load_state_dict(ckpt.get("throughput", {}))
@@ -430,6 +432,7 @@ def save_run_checkpoint(run: RunState, is_best: bool = False) -> None:
         "skipped_steps": run.skipped_steps, "last_finite_loss": run.last_finite_loss, "config": run.config,
         "wandb_id": run.recorder.wandb_run_id if run.recorder else None, "throughput": run.throughput.state_dict(),
         "init_from": run.init_from, "train_time_s": run.time_before_s + time.monotonic() - run.started,
+        "train_time_s_partial": run.time_partial,
     })
     run.last_checkpoint = time.monotonic()
 

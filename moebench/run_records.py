@@ -51,6 +51,8 @@ def record_so_far(run) -> dict:
         "optimizer": optimizer_record(run.optimizer),
         "run_dir": str(run.run_dir),
     }
+    if run.time_partial:  # resumed from a checkpoint written before checkpoints carried the time
+        record["train_time_s_partial"] = True
     if run.skipped_steps:
         record["skipped_nonfinite_steps"] = run.skipped_steps
     if run.signum:

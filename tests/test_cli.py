@@ -408,11 +408,17 @@ def test_rerunning_into_the_same_dir_skips_completed_and_resumes_unfinished(tmp_
     common = ["router=soft", "train.epochs=2", "deterministic=true"]
     proc, run_dir = train(tmp_path, *common, "train.time_limit_min=0")
     assert proc.returncode == 0 and result(run_dir)["status"] == "stopped"
+    # as a checkpoint written before checkpoints carried the training time: the resumed run's time is partial
+    old = torch.load(run_dir / "last.pt", weights_only=True)
+    assert old.pop("train_time_s") > 0 and old.pop("train_time_s_partial") is False
+    from moebench.checkpoint import with_checksum
+    torch.save(with_checksum(old), run_dir / "last.pt")
     proc, _ = train(tmp_path, *common)  # the same command again (no time limit): picks up at epoch 1
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming" in proc.stdout + proc.stderr
     finished = result(run_dir)
     assert finished["status"] == "completed" and finished["epochs_completed"] == 2
+    assert finished["train_time_s_partial"] and finished["train_time_s"] == finished["train_time_s_this_process"]
     proc, straight = train(tmp_path, *common, name="straight")
     assert finished["quality"] == result(straight)["quality"]
 
