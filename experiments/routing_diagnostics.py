@@ -3,9 +3,9 @@
     python experiments/routing_diagnostics.py RUN_DIR... [--json OUT]
 
 Per run, averaged over its MoE blocks: the routing metrics of its last logged
-training step (metrics.jsonl: dispatch/combine max and entropy, drops, ...) and
-their mean over all its logged steps, and the course of a few of them (``TRAJECTORY``) step by step
-and the weight diagnostics of its final model (moebench.moe.collect_diagnostics
+training step (metrics.jsonl: dispatch/combine max and entropy, drops, ...),
+their mean over all its logged steps, the course of a few of them step by step
+(``TRAJECTORY``), and the weight diagnostics of its final model (moebench.moe.collect_diagnostics
 on last.pt: expert, slot-parameter and gate similarity, Soft MoE's scale). The
 weight diagnostics are recomputed from the checkpoint, so runs trained before
 they were logged get them too. The recipe pages (experiments/recipes/) quote it.
@@ -35,11 +35,6 @@ def logged_routing_steps(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
     routed = [(line.get("step"), {key: value for key, value in line.items() if key.startswith("routing/")})
               for line in lines]
     return [(step, metrics) for step, metrics in routed if metrics]
-
-
-def logged_routing_metrics(run_dir: Path) -> list[dict[str, float]]:
-    """The routing metrics of every logged training step, in step order."""
-    return [metrics for _, metrics in logged_routing_steps(run_dir)]
 
 
 def mean_over_steps(steps: list[dict[str, float]]) -> dict[str, float]:

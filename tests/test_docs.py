@@ -167,11 +167,12 @@ def test_routing_diagnostics_gives_the_last_step_and_each_metrics_mean_over_the_
              {"step": 100, "routing/blocks.2.mlp/dropped": 0.1, "routing/blocks.3.mlp/dropped": 0.1,
               "routing/blocks.3.mlp/bias_spread": 0.4}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    steps = routing_diagnostics.logged_routing_metrics(tmp_path)
-    assert len(steps) == 2 and routing_diagnostics.per_key_mean(steps[-1]) == {"bias_spread": 0.4, "dropped": 0.1}
+    logged = routing_diagnostics.logged_routing_steps(tmp_path)
+    assert [step for step, _ in logged] == [50, 100]
+    steps = [metrics for _, metrics in logged]
+    assert routing_diagnostics.per_key_mean(steps[-1]) == {"bias_spread": 0.4, "dropped": 0.1}
     means = routing_diagnostics.per_key_mean(routing_diagnostics.mean_over_steps(steps))
     assert means == pytest.approx({"bias_spread": 0.4, "dropped": 0.25})  # blocks' means 0.3 and 0.2
-    assert [step for step, _ in routing_diagnostics.logged_routing_steps(tmp_path)] == [50, 100]
 
 
 def test_a_redrawn_picture_is_titled_with_its_setup_and_the_counts_of_its_records():

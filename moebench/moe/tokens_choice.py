@@ -67,8 +67,9 @@ class TokensChoiceMoE(SparseMoE):
       (plus the balancing bias); its gate values are the chosen scores renormalised to sum to 1 over
       the k chosen (dropped ones included: capacity drops after the gates are set), times
       ``routed_scaling``. Over one routed choice that is 1 for every token, so the loss gives the
-      router no gradient (as in V3's ``Gate``; the CLI warns: ``router_options.tokens_choice_caveat``). ``routed_scaling`` multiplies the softmax gate's values too (as ``Gate``
-      does for both score functions; V2's softmax gates are not renormalised). BPR serves tokens by
+      router no gradient (as in V3's ``Gate``; the CLI warns: ``router_options.tokens_choice_caveat``).
+      ``routed_scaling`` multiplies the softmax gate's values too (as ``Gate`` does for both score
+      functions; V2's softmax gates are not renormalised). BPR serves tokens by
       their top selection score (score plus bias). The statistics and the losses that need a
       distribution over experts (importance, Switch, gate entropy, ``routing().gates``) read the
       normalised scores s / sum(s) (V3's s' of its sequence-wise balance loss); V-MoE's load loss
