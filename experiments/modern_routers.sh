@@ -36,8 +36,8 @@ arms=(
   "deepseek-fine variant=tc_deepseek_e32 router.granularity=1 router.shared_experts=0"
   "dropless variant=tc_e32_k1_dropless"
   "remoe variant=remoe_e32"
-  "deepseek-u0.01 variant=tc_deepseek_e32 router.bias_rate=0.01"
 )
+followups=("deepseek-u0.01 variant=tc_deepseek_e32 router.bias_rate=0.01")  # queued after every seed of the arms
 case ${1:-} in
 run)
   cifar=${2:?CIFAR-10 root (an ImageFolder tree or torchvision files), or - to skip it}
@@ -47,6 +47,9 @@ run)
     [ "${overrides##*=}" = - ] && continue
     for s in 0 1 2; do
       for arm in "${arms[@]}"; do echo "$name $s $arm $overrides"; done
+    done
+    for arm in "${followups[@]}"; do
+      for s in 0 1 2; do echo "$name $s $arm $overrides"; done
     done
   done | "$here/run_queue.sh" "$out" "${4:-2}"
   ;;

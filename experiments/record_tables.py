@@ -16,8 +16,9 @@ variant (recipe 7's scale-8 cell, ``variant=soft_e64_s8_onedraw``) takes its sca
 from that variant's file in conf/variant.
 
 router-diagnostics: a study's routing health per arm (as moebench pareto labels it): the range over seeds
-of load, drops, the selection bias's spread and ReMoE's experts per token at the last logged step, and of
-drops and load over the whole training (their mean over the logged steps), as routing_diagnostics.py
+of load, drops, the selection bias's spread and ReMoE's experts per token at the last logged step, of
+drops and load over the whole training (their mean over the logged steps), and of the router's final
+AdamW first moment (its mean magnitude: about 0 when the router got no gradient), as routing_diagnostics.py
 wrote them.
 """
 
@@ -105,25 +106,28 @@ def soft_init_diagnostics(records: Path) -> str:
 ROUTER_DIAGNOSTICS = ("dropped", "load_max_over_mean", "load_cv", "bias_spread", "experts_per_token",
                       "tokens_0_experts")
 ROUTER_TRAINING_MEANS = ("dropped", "load_max_over_mean")  # the last step hides how long a balancing took to act
+ROUTER_WEIGHTS = ("router_adam_m",)  # about 0: the loss gave the router no gradient
 
 
 def router_diagnostics(records: Path) -> str:
-    """Per arm, the range over seeds of each routing figure its runs logged at their last step, averaged
-    over the MoE blocks (routing_diagnostics.py); - where the router logs no such figure."""
+    """Per arm, the range over seeds of each routing figure its runs logged (at their last step, and averaged
+    over training) and of their router's final AdamW first moment, each averaged over the MoE blocks
+    (routing_diagnostics.py); - where the router has no such figure."""
     arms: dict[str, list[dict]] = {}
     for run in json.loads(records.read_text()):
         if "label" not in run or "routing_training_mean" not in run:
             raise RecordError(f"{records}: written before routing_diagnostics.py recorded each run's arm and "
                               "training means; re-run it")
         arms.setdefault(run["label"], []).append(run)
-    head = ["arm", "seeds", "top-1 % per seed", *ROUTER_DIAGNOSTICS, *(f"{name} (training mean)" for name in
-                                                                     ROUTER_TRAINING_MEANS)]
+    columns = ([("routing_last_step", name, name) for name in ROUTER_DIAGNOSTICS]
+               + [("routing_training_mean", name, f"{name} (training mean)") for name in ROUTER_TRAINING_MEANS]
+               + [("weights", name, name) for name in ROUTER_WEIGHTS])
+    head = ["arm", "seeds", "top-1 % per seed", *(title for _, _, title in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, runs in sorted(arms.items(), key=lambda item: -sum(r["top1"] for r in item[1]) / len(item[1])):
         runs.sort(key=lambda r: r["seed"])
         cells = [arm, ", ".join(str(r["seed"]) for r in runs), ", ".join(f"{100 * r['top1']:.2f}" for r in runs)]
-        columns = [("routing_last_step", name) for name in ROUTER_DIAGNOSTICS]
-        for part, name in columns + [("routing_training_mean", name) for name in ROUTER_TRAINING_MEANS]:
+        for part, name, _ in columns:
             values = [r[part][name] for r in runs if name in r[part]]
             cells.append("-" if not values else f"{min(values):.3g}" if min(values) == max(values)
                          else f"{min(values):.3g}-{max(values):.3g}")

@@ -6,9 +6,12 @@ Per run, averaged over its MoE blocks: the routing metrics of its last logged
 training step (metrics.jsonl: dispatch/combine max and entropy, drops, ...),
 their mean over all its logged steps, the course of a few of them step by step
 (``TRAJECTORY``), and the weight diagnostics of its final model (moebench.moe.collect_diagnostics
-on last.pt: expert, slot-parameter and gate similarity, Soft MoE's scale). The
-weight diagnostics are recomputed from the checkpoint, so runs trained before
-they were logged get them too. The recipe pages (experiments/recipes/) quote it.
+on last.pt: expert, slot-parameter and gate similarity, Soft MoE's scale), and
+``router_adam_m``, the mean |AdamW first moment| of the router's parameters at the
+end (from last.pt's optimizer state): about 0 when the loss gives the router no
+gradient (e.g. a sigmoid gate over one routed choice). The weight diagnostics are
+recomputed from the checkpoint, so runs trained before they were logged get them
+too. The recipe pages (experiments/recipes/) quote it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
+from moebench.build import optimizer_groups, router_parameter_names
 from moebench.moe import collect_diagnostics
+from moebench.moe.base import moe_layers
 from moebench.pareto.records import read_run
 from moebench.runs import load_run
 
@@ -52,9 +60,27 @@ def per_key_mean(values: dict[str, float]) -> dict[str, float]:
     return {key: statistics.fmean(vs) for key, vs in sorted(groups.items())}
 
 
+def router_adam_moments(model: torch.nn.Module, config: dict, state: dict) -> dict[str, float]:
+    """{"<MoE block>/router_adam_m": mean |AdamW exp_avg| over the block's router parameters}, from the
+    optimizer's ``state_dict()["state"]`` (a checkpoint's ``["optimizer"]["state"]``).
+
+    That state numbers the parameters in the order of moebench's parameter groups, so the groups rebuilt
+    from the run's config name them."""
+    names = [name for group in optimizer_groups(model, OmegaConf.create(config)) for name in group["names"]]
+    router = router_parameter_names(model)
+    layers = [layer for layer, _ in moe_layers(model)]
+    blocks: dict[str, list[torch.Tensor]] = {}
+    for index, name in enumerate(names):
+        if name in router and index in state:  # no state: a parameter no step has updated yet
+            block = next(layer for layer in layers if name.startswith(f"{layer}."))
+            blocks.setdefault(block, []).append(state[index]["exp_avg"].abs().flatten())
+    return {f"{block}/router_adam_m": torch.cat(moments).mean().item() for block, moments in blocks.items()}
+
+
 def diagnose(run_dir: Path) -> dict:
     run = load_run(run_dir)
     record = read_run(run_dir)
+    state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)["optimizer"]["state"]
     logged = logged_routing_steps(run_dir)
     step_numbers, steps = [step for step, _ in logged], [metrics for _, metrics in logged]
     return {
@@ -65,7 +91,8 @@ def diagnose(run_dir: Path) -> dict:
         "routing_training_mean": per_key_mean(mean_over_steps(steps)),
         "routing_steps": [{"step": step, **{key: value for key, value in per_key_mean(metrics).items()
                                             if key in TRAJECTORY}} for step, metrics in zip(step_numbers, steps)],
-        "weights": per_key_mean(collect_diagnostics(run.model)),
+        "weights": per_key_mean({**collect_diagnostics(run.model),
+                                 **router_adam_moments(run.model, run.config, state)}),
         "top1": (run.result or {}).get("quality", {}).get("top1"),
     }
 

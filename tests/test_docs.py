@@ -140,19 +140,20 @@ def test_recipe_7s_diagnostics_and_recipe_9s_trials_are_generated_and_checked(tm
 
 
 def test_a_router_diagnostics_table_gives_each_arms_range_over_seeds(tmp_path):
-    def run(label, seed, top1, **routing):
+    def run(label, seed, top1, adam_m=None, **routing):
         means = {name: value / 2 for name, value in routing.items() if name in ("dropped", "load_max_over_mean")}
         return {"run": f"s{seed}/x", "label": label, "seed": seed, "top1": top1, "routing_last_step": routing,
-                "routing_training_mean": means}
+                "routing_training_mean": means, "weights": {} if adam_m is None else {"router_adam_m": adam_m}}
     records = tmp_path / "routing_diagnostics.json"
     records.write_text(json.dumps([
-        run("tc bias", 1, 0.52, dropped=0.30, load_max_over_mean=1.8, load_cv=0.2, bias_spread=0.4),
-        run("tc bias", 0, 0.50, dropped=0.34, load_max_over_mean=1.8, load_cv=0.3, bias_spread=0.5),
+        run("tc bias", 1, 0.52, 2e-4, dropped=0.30, load_max_over_mean=1.8, load_cv=0.2, bias_spread=0.4),
+        run("tc bias", 0, 0.50, 1e-4, dropped=0.34, load_max_over_mean=1.8, load_cv=0.3, bias_spread=0.5),
         run("remoe", 0, 0.55, load_max_over_mean=1.2, load_cv=0.1, experts_per_token=1.1, tokens_0_experts=0.05)]))
     table = report_tables.generate(f"router-diagnostics {records}", tmp_path / "page.md").splitlines()
+    assert table[0].endswith("| dropped (training mean) | load_max_over_mean (training mean) | router_adam_m |")
     assert table[2:] == [  # best mean first; seeds in order; a figure the router does not log is -
-        "| remoe | 0 | 55.00 | - | 1.2 | 0.1 | - | 1.1 | 0.05 | - | 0.6 |",
-        "| tc bias | 0, 1 | 50.00, 52.00 | 0.3-0.34 | 1.8 | 0.2-0.3 | 0.4-0.5 | - | - | 0.15-0.17 | 0.9 |"]
+        "| remoe | 0 | 55.00 | - | 1.2 | 0.1 | - | 1.1 | 0.05 | - | 0.6 | - |",
+        "| tc bias | 0, 1 | 50.00, 52.00 | 0.3-0.34 | 1.8 | 0.2-0.3 | 0.4-0.5 | - | - | 0.15-0.17 | 0.9 | 0.0001-0.0002 |"]
     for older in ("label", "routing_training_mean"):  # records of an older routing_diagnostics.py
         records.write_text(json.dumps([{k: v for k, v in run("a", 0, 0.5).items() if k != older}]))
         with pytest.raises(report_tables.TableError, match="re-run it"):
@@ -423,3 +424,35 @@ def test_the_tiny_imagenet_step_makes_the_tree_the_preset_reads(tmp_path):
     with pytest.raises(SystemExit, match="expected 100000 train"):
         tinyimagenet.build(src.parent, tmp_path / "other")  # a partial snapshot is refused, nothing renamed
     assert not (tmp_path / "other").exists()
+
+
+def test_routing_diagnostics_finds_the_router_the_loss_gives_no_gradient():
+    """router_adam_m is recipe 15's evidence that the "-fine" ablation's router never learned: a sigmoid gate
+    over one routed choice is 1 for every token, so its AdamW moments stay at rounding's size (a few in-process
+    steps of the smoke model)."""
+    import routing_diagnostics
+    import torch
+
+    from conftest import compose_cfg
+    from moebench.build import build_model, make_optimizer
+    from moebench.moe import collect_aux_loss
+
+    def adam_m(*overrides: str) -> dict[str, float]:
+        torch.manual_seed(0)
+        cfg = compose_cfg("experiment=smoke", "variant=tc_deepseek_e32", "experts=4", "router.group_size=2", *overrides)
+        model = build_model(cfg, in_chans=1, num_classes=10)
+        optimizer = make_optimizer(model, cfg)
+        for _ in range(2):
+            images = torch.randn(4, 1, cfg.data.image_size, cfg.data.image_size)
+            loss = torch.nn.functional.cross_entropy(model(images), torch.randint(10, (4,))) + collect_aux_loss(model)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return routing_diagnostics.router_adam_moments(model, cfg, optimizer.state_dict()["state"])
+
+    one_choice = adam_m("router.granularity=1", "router.shared_experts=0")
+    assert list(one_choice) == ["blocks.1.mlp/router_adam_m"]  # the smoke model's one MoE block
+    assert all(value < 1e-10 for value in one_choice.values())  # s / s = 1: no gradient but rounding
+    assert all(value > 1e-6 for value in adam_m().values())  # 3 routed choices: the gate has a gradient
+    assert all(value > 1e-6 for value in adam_m("router.granularity=1", "router.shared_experts=0",
+                                                "router.gate=softmax").values())
