@@ -19,10 +19,12 @@
 #   deepseek-u0.01  the bias at 10x DeepSeek-V3's rate: the sign update moves a bias by at most u per step,
 #                   and at u = 0.001 the CIFAR-10 runs' busiest expert took several times the mean load for
 #                   most of their 1,053 steps
+#   deepseek-dropless the full router without capacity, as DeepSeek-V3 trains (added after the CIFAR-10 reading
+#                   found the bias's loads leave more choices over capacity than V-MoE's losses do)
 # pooled with the committed runs of the same setup: dense, Tokens Choice (V-MoE), Experts Choice
 # (recipes 1 and 11) and Soft MoE at logit scale 8 (recipes 7 and 11).
 # Expected runtime on 2 CPU cores at one thread per run: 11-34 minutes per CIFAR-10 run (this recipe's,
-# 2026-12-02, by the machine's load), 26-42 per Tiny-ImageNet run (recipe 14's); 48 runs in about 12 hours
+# 2026-12-02, by the machine's load), 26-42 per Tiny-ImageNet run (recipe 14's); 54 runs in about 14 hours
 # with 2 lanes.
 set -euo pipefail
 here=$(dirname "$0")
@@ -37,7 +39,10 @@ arms=(
   "dropless variant=tc_e32_k1_dropless"
   "remoe variant=remoe_e32"
 )
-followups=("deepseek-u0.01 variant=tc_deepseek_e32 router.bias_rate=0.01")  # queued after every seed of the arms
+followups=(  # queued after every seed of the arms
+  "deepseek-u0.01 variant=tc_deepseek_e32 router.bias_rate=0.01"
+  "deepseek-dropless variant=tc_deepseek_e32 router.dropless=true"
+)
 case ${1:-} in
 run)
   cifar=${2:?CIFAR-10 root (an ImageFolder tree or torchvision files), or - to skip it}
