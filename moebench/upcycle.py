@@ -208,7 +208,15 @@ def source_cost(path: Path, ckpt: dict) -> dict:
     except (OSError, ValueError):
         result = {}
     gflops = (result.get("cost") or {}).get("gflops_per_image")
-    train_gflops = cost.train_gflops_total(gflops, images) if gflops is not None and images is not None else None
+    recorded = (result.get("cost") or {}).get("train_gflops_total")  # what its training did, counted as it ran
+    if recorded is not None and (result.get("position") or {}).get("step") == ckpt.get("step"):
+        train_gflops = recorded  # the checkpoint the record was written at
+    elif any(key.endswith("trained_gates") for key in ckpt["model"]):
+        # an earlier checkpoint of a router whose FLOPs per image move as it trains (ReMoE's sparsity):
+        # 3 x the final figure x images is not what it cost
+        train_gflops = None
+    else:
+        train_gflops = cost.train_gflops_total(gflops, images) if gflops is not None and images is not None else None
     own_init = ckpt.get("init_from") or result.get("init_from")  # the checkpoint carries it since it was written
     own_init = own_init if isinstance(own_init, dict) else None
     if _get(config, "init_from") and own_init is None:

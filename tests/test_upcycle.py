@@ -179,6 +179,26 @@ def test_the_init_cost_adds_up_along_a_chain_of_init_from_runs(tmp_path):
         "total_train_gflops"] is None
 
 
+def test_a_source_whose_cost_moves_in_training_brings_the_training_flops_its_record_counted(tmp_path):
+    """ReMoE's FLOPs per image fall as it trains (its trained_gates count them): from the checkpoint its
+    result.json was written at, the source's cost is that record's train_gflops_total, not 3 x its final
+    FLOPs x images; from an earlier one it is unknown."""
+    config = OmegaConf.to_container(compose_cfg("router=dense"), resolve=True)
+    state = trained_dense()
+    source = save_checkpoint(tmp_path / "a" / "last.pt", state, "router=dense", step=5)
+    record = {"status": "completed", "position": {"step": 5},
+              "cost": {"gflops_per_image": 2.0, "train_gflops_total": 700.0}}
+    (source.parent / "result.json").write_text(json.dumps(record))
+    assert upcycle.init_model(model_of(0, "router=dense"), str(source), config)["train_gflops"] == 700.0
+    record["position"]["step"] = 9  # the run went on after this checkpoint
+    (source.parent / "result.json").write_text(json.dumps(record))
+    assert upcycle.init_model(model_of(0, "router=dense"), str(source), config)["train_gflops"] == 3 * 2.0 * 80
+    ckpt = torch.load(source)
+    ckpt["model"]["blocks.1.mlp.trained_gates"] = torch.zeros(2, dtype=torch.float64)  # as a ReMoE layer keeps
+    torch.save(ckpt, source)
+    assert upcycle.source_cost(source, ckpt)["total_train_gflops"] is None
+
+
 # ----------------------------------------------------------------------------- the CLI end to end
 
 # A learning rate of 1e-9 leaves the weights where upcycling put them (within ~1e-8).
