@@ -17,6 +17,12 @@ script the numbers.
     python experiments/report_tables.py --check    # exit 1, naming each table that disagrees (CI)
     python experiments/report_tables.py PAGE.md ...
 
+A figure the prose quotes from a table goes stale the same way, so every ``x +- y`` in a page's
+text must be in one of its generated tables, in the Welch comparisons (``comparisons``) of the
+pareto.json files they read, or in the tables of a page it links (docs/ quoting a recipe);
+the script names each one that is not and exits 1, with or without ``--check``: only an edit of
+the text mends it.
+
 A new recipe's table (e.g. recipe 14) is one comment line in its page, then one run of this script.
 A line whose first word is a kind of record_tables.py (``search-pareto``, ``soft-init-diagnostics``)
 is drawn by that kind from the files named after it instead.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import re
 import shlex
 import sys
@@ -99,12 +106,61 @@ def render(page: Path) -> tuple[str, list[str]]:
     return "\n".join(out), differing
 
 
+INTERVAL = re.compile(r"(?<![\d.])[+-]?\d+\.\d+ \+- \d+\.\d+")  # "52.19 +- 2.60", "-1.07 +- 0.72"
+LINKED_PAGE = re.compile(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)")
+
+
+def _split(page: Path) -> tuple[str, list[tuple[int, str]], list[str]]:
+    """The page's generated tables (one text), its other lines (numbered from 1), and its table lines' arguments."""
+    tables, prose, args, inside = [], [], [], False
+    for number, line in enumerate(page.read_text().split("\n"), 1):
+        match = START.match(line.strip())
+        if match:
+            args.append(match["args"])
+        inside = (inside or bool(match)) and line != END
+        if inside and not match:
+            tables.append(line)
+        else:
+            prose.append((number, line))
+    return "\n".join(tables).replace("**", ""), prose, args
+
+
+def _welch_comparisons(args: str, page: Path) -> set[str]:
+    """Every Welch comparison (``x +- y`` in points, unsigned) of the pareto.json files a table line reads."""
+    found = set()
+    for word in shlex.split(args):
+        path = page.parent / word.partition("@")[0]
+        if not path.name.endswith(".json") or not path.is_file():
+            continue
+        records = json.loads(path.read_text())
+        for pair in records.get("comparisons", []) if isinstance(records, dict) else []:
+            difference, ci = pair.get("top1_difference"), pair.get("top1_difference_ci95")
+            if difference is not None and ci is not None:
+                found.add(f"{100 * abs(difference):.2f} +- {100 * ci:.2f}")
+    return found
+
+
+def unsourced_intervals(page: Path) -> list[str]:
+    """Each ``x +- y`` of the page's text that none of its sources holds (the module's docstring says which)."""
+    tables, prose, args = _split(page)
+    sources = [tables, *(pair for line in args for pair in _welch_comparisons(line, page))]
+    for link in {link for _, line in prose for link in LINKED_PAGE.findall(line)}:
+        linked = (page.parent / link).resolve()
+        if linked.is_file() and linked != page.resolve():
+            sources.append(_split(linked)[0])
+    known = "\n".join(sources)
+    return [f"{page}:{number}: \"{figure}\" is in no table of the page, of its records or of a page it links"
+            for number, line in prose for figure in INTERVAL.findall(line) if figure.lstrip("+-") not in known]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pages", nargs="*", type=Path, help="Markdown pages (default: README, docs/, recipes)")
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if a table differs (or, as always, if the text quotes a figure "
+                             "no table holds)")
     args = parser.parse_args(argv)
-    differing, tables = [], 0
+    differing, tables, unsourced = [], 0, []
     try:
         for page in args.pages or default_pages():
             text, found = render(page)
@@ -112,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
             differing += found
             if found and not args.check:
                 page.write_text(text)
+            unsourced += unsourced_intervals(page)  # after the rewrite: the prose against the new tables
     except TableError as err:
         print(f"report_tables: {err}", file=sys.stderr)
         return 2
     for line in differing:
         print(line if args.check else line.replace("differs from its records", "rewritten from its records"))
-    print(f"{tables} tables, {len(differing)} {'differ' if args.check else 'rewritten'}")
-    return 1 if differing and args.check else 0
+    for line in unsourced:
+        print(line)
+    print(f"{tables} tables, {len(differing)} {'differ' if args.check else 'rewritten'}"
+          + (f"; {len(unsourced)} figures of the text in no table (edit the text)" if unsourced else ""))
+    return 1 if (differing and args.check) or unsourced else 0
 
 
 if __name__ == "__main__":

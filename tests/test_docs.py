@@ -48,6 +48,32 @@ def test_every_result_table_agrees_with_its_committed_records():
     assert not differing, "\n".join(differing) + "\n(python experiments/report_tables.py rewrites them)"
 
 
+def test_every_interval_the_text_quotes_is_in_a_table_or_the_records_it_reads():
+    unsourced = [line for page in report_tables.default_pages() for line in report_tables.unsourced_intervals(page)]
+    assert not unsourced, "\n".join(unsourced)
+
+
+def test_a_figure_the_text_quotes_wrong_or_stale_is_caught(tmp_path, capsys):
+    page = tmp_path / "recipes" / "99-test.md"
+    page.parent.mkdir()
+    results = os.path.relpath(REPO / "experiments" / "results" / "cifar10_routers" / "pareto.json", page.parent)
+    table = f"<!-- table: {results} --reference dense -->\n<!-- /table -->\n"
+    # from the table (any sign), and a Welch comparison of its records (Tokens Choice k=2 over Soft MoE, recipe 1)
+    page.write_text(f"# t\n\n{table}\nDense scores 52.19 +- 2.60; k=2 beats Soft MoE by +3.66 +- 1.98.\n")
+    assert report_tables.main([str(page)]) == 0
+    assert report_tables.unsourced_intervals(page) == []
+    page.write_text(page.read_text().replace("scores 52.19", "scores 52.91"))  # a typo, or a stale copy
+    assert report_tables.unsourced_intervals(page) == [f'{page}:{page.read_text().count(chr(10))}: '
+                                                       '"52.91 +- 2.60" is in no table of the page, of its records '
+                                                       'or of a page it links']
+    assert report_tables.main(["--check", str(page)]) == 1 and report_tables.main([str(page)]) == 1
+    assert "1 figures of the text in no table" in capsys.readouterr().out
+    quoting = tmp_path / "quoting.md"  # a page without tables quotes the page it links
+    quoting.write_text(f"[recipe 99](recipes/99-test.md): dense at 52.19 +- 2.60, not 52.19 +- 2.06.\n")
+    assert [line.split(": ", 1)[1] for line in report_tables.unsourced_intervals(quoting)] == [
+        '"52.19 +- 2.06" is in no table of the page, of its records or of a page it links']
+
+
 def test_a_table_edited_by_hand_is_caught(tmp_path):
     page = tmp_path / "recipes" / "99-test.md"
     page.parent.mkdir()
