@@ -21,7 +21,8 @@ A figure the prose quotes from a table goes stale the same way, so every ``x +- 
 text must be in one of its generated tables, in the Welch comparisons (``comparisons``) of the
 pareto.json files they read, or in the tables of a page it links (docs/ quoting a recipe);
 the script names each one that is not and exits 1, with or without ``--check``: only an edit of
-the text mends it.
+the text mends it. (Its sign is not checked: "A - B" is quoted either way round; nor a figure
+quoted alone.)
 
 A new recipe's table (e.g. recipe 14) is one comment line in its page, then one run of this script.
 A line whose first word is a kind of record_tables.py (``search-pareto``, ``soft-init-diagnostics``)
