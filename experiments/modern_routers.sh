@@ -21,10 +21,15 @@
 #                   most of their 1,053 steps
 #   deepseek-dropless the full router without capacity, as DeepSeek-V3 trains (added after the CIFAR-10 reading
 #                   found the bias's loads leave more choices over capacity than V-MoE's losses do)
+# and on CIFAR-10, after deepseek-dropless did not close the gap, the full router plus one half of what the
+# "-bias" arm balances with:
+#   deepseek+noise  V-MoE's gate noise (noise_std 1) beside the bias
+#   deepseek+importance V-MoE's importance loss (weight 0.005) beside the bias (its load loss cannot be: it
+#                   ignores the bias)
 # pooled with the committed runs of the same setup: dense, Tokens Choice (V-MoE), Experts Choice
 # (recipes 1 and 11) and Soft MoE at logit scale 8 (recipes 7 and 11).
 # Expected runtime on 2 CPU cores at one thread per run: 11-34 minutes per CIFAR-10 run (this recipe's,
-# 2026-12-02, by the machine's load), 26-42 per Tiny-ImageNet run (recipe 14's); 54 runs in about 14 hours
+# 2026-12-02, by the machine's load), 26-42 per Tiny-ImageNet run (recipe 14's); 60 runs in about 15 hours
 # with 2 lanes.
 set -euo pipefail
 here=$(dirname "$0")
@@ -43,6 +48,10 @@ followups=(  # queued after every seed of the arms
   "deepseek-u0.01 variant=tc_deepseek_e32 router.bias_rate=0.01"
   "deepseek-dropless variant=tc_deepseek_e32 router.dropless=true"
 )
+cifar10_followups=(  # CIFAR-10 only: which half of V-MoE's balancing the "-bias" arm gains by
+  "deepseek+noise variant=tc_deepseek_e32 router.noise_std=1.0"
+  "deepseek+importance variant=tc_deepseek_e32 router.importance_weight=0.005"
+)
 case ${1:-} in
 run)
   cifar=${2:?CIFAR-10 root (an ImageFolder tree or torchvision files), or - to skip it}
@@ -53,7 +62,9 @@ run)
     for s in 0 1 2; do
       for arm in "${arms[@]}"; do echo "$name $s $arm $overrides"; done
     done
-    for arm in "${followups[@]}"; do
+    more=("${followups[@]}")
+    [ "$name" = cifar10 ] && more+=("${cifar10_followups[@]}")
+    for arm in "${more[@]}"; do
       for s in 0 1 2; do echo "$name $s $arm $overrides"; done
     done
   done | "$here/run_queue.sh" "$out" "${4:-2}"

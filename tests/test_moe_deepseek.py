@@ -437,6 +437,12 @@ def test_labels_name_only_the_pieces_that_are_on():
     on = {**defaults, "gate": "sigmoid", "routed_scaling": 2.5, "bias_rate": 0.001, "granularity": 4,
           "shared_experts": 1}
     assert label(on.get) == ["E32", "k1", "C1.0", "sigmoid", "scale2.5", "bias0.001", "m4", "shared1"]
+    vmoe = {**defaults, "noise_std": 1.0, "importance_weight": 0.005}  # V-MoE's balancing: unnamed, as ever
+    assert label(vmoe.get) == ["E32", "k1", "C1.0"]
+    assert label({**on, "noise_std": 1.0, "importance_weight": 0.005}.get) == [
+        "E32", "k1", "C1.0", "sigmoid", "scale2.5", "bias0.001", "noise1", "importance0.005", "m4", "shared1"]
+    # beside the bias, named
+    assert label({**on, "noise_std": 0.0, "importance_weight": 0.0}.get) == label(on.get)
 
 
 def test_inspection_rebuilds_the_output_with_shared_experts_and_the_bias():

@@ -441,6 +441,10 @@ def _label(get) -> list[str]:
         words.append(f"scale{get('routed_scaling'):g}")
     if get("bias_rate"):
         words.append(f"bias{get('bias_rate'):g}")
+        # beside the bias, V-MoE's gate noise and importance loss are additions (DeepSeek-V3 has neither); without
+        # it they are the softmax router's defaults and stay unnamed
+        words += [f"{name}{get(key):g}" for name, key in (("noise", "noise_std"), ("importance", "importance_weight"))
+                  if get(key)]
     if get("granularity") not in (None, 1):
         words.append(f"m{get('granularity')}")
     if get("shared_experts"):
