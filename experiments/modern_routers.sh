@@ -87,14 +87,19 @@ report)
       pooled=("$res/tinyimagenet_routers/pareto.json:dense,$soft" "$res/tinyimagenet_routers2/pareto.json:$tc,$ec")
       title="Tiny-ImageNet-200 (experiment=tinyimagenet, 3 epochs)"
     fi
+    # run dirs are not committed, their records are: the committed runs whose dirs are not on this machine
+    # stay in as recorded; a run on disk replaces its record (and pooling refuses it if its result differs)
+    carried=()
+    [ -f "$res/modern_routers_$d/pareto.json" ] && carried=("$res/modern_routers_$d/pareto.json")
     "$python" "$here/pool_frontier.py" --out "$res/modern_routers_$d" --title "$title: today's LM routers, Soft MoE and dense" \
-      "${pooled[@]}" "$out/$d/pareto.json"
+      "${carried[@]}" "${pooled[@]}" "$out/$d/pareto.json"
     "$python" "$here/compare_arms.py" "$res/modern_routers_$d/pareto.json" --reference "$tc" --reference "$soft"
     finished=()  # completed runs (one still training has no result.json yet; a preempted one says "preempted")
     for f in "$out/$d"/s*/[0-9]*_*/result.json; do
       grep -q '"status": "completed"' "$f" && finished+=("$(dirname "$f")")
     done
-    "$python" "$here/routing_diagnostics.py" "${finished[@]}" --json "$res/modern_routers_$d/routing_diagnostics.json" > /dev/null
+    "$python" "$here/routing_diagnostics.py" "${finished[@]}" --json "$res/modern_routers_$d/routing_diagnostics.json" \
+      --keep "$res/modern_routers_$d/routing_diagnostics.json" > /dev/null
   done
   ;;
 *) echo "usage: $0 run CIFAR10_ROOT TINYIMAGENET_ROOT [LANES] | $0 report" >&2; exit 2 ;;

@@ -13,6 +13,10 @@ comparison code. Cost axes: the exact ones only (FLOPs, parameters, the model's 
 wall-clock timings from different sessions of a shared machine order nothing. A pareto.json does
 not keep whole configs: pool only files whose recipes state one setup (and re-run a seed of an
 old arm at the current commit to show its runs still stand, as recipe 14 does).
+
+A pooled file may be pooled again (its runs keep their names), which is how a study carries the
+committed records of runs trained on another machine, whose dirs are gone, beside its new runs:
+give the earlier --out file first; a later file's record of the same arm and seed replaces it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ def pooled_rows(specs: list[str], quality: str, aliases: dict[str, str] | None =
     for spec in specs:
         path, _, labels = spec.partition(":")
         wanted = {label.strip() for label in labels.split(",")} if labels else None
-        file_rows = json.loads(Path(path).read_text())["runs"]
+        records = json.loads(Path(path).read_text())
+        file_rows = records["runs"]
+        # a pooled file's runs already say which file they came from: pooling it again keeps its names
+        prefix = "" if "pooled_from" in records else f"{Path(path).parent.name}/"
         found = {row["label"] for row in file_rows}
         if wanted and not wanted <= found:
             sys.exit(f"pool_frontier: {path} has no arm {sorted(wanted - found)}; its arms: {sorted(found)}")
@@ -50,7 +57,7 @@ def pooled_rows(specs: list[str], quality: str, aliases: dict[str, str] | None =
             if seen is not None and seen[quality] != row[quality]:
                 sys.exit(f"pool_frontier: {key[0]} seed {key[1]} is {seen[quality]} in one file and {row[quality]} "
                          f"in {path}: not the same run")
-            rows[key] = {**row, "run": f"{Path(path).parent.name}/{row['run']}",
+            rows[key] = {**row, "run": prefix + row["run"],
                          "data": aliases.get(row.get("data"), row.get("data"))}
     pooled = list(rows.values())
     for key in ("model", "data", "setup"):

@@ -1,6 +1,6 @@
 """Routing diagnostics of trained runs, from their records and final weights.
 
-    python experiments/routing_diagnostics.py RUN_DIR... [--json OUT]
+    python experiments/routing_diagnostics.py RUN_DIR... [--json OUT [--keep OUT]]
 
 Per run, averaged over its MoE blocks: the routing metrics of its last logged
 training step (metrics.jsonl: dispatch/combine max and entropy, drops, ...),
@@ -97,12 +97,25 @@ def diagnose(run_dir: Path) -> dict:
     }
 
 
+def carried_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """``rows`` after the rows of ``earlier`` whose run dirs are gone: a sweep's run dirs are not
+    committed, its diagnostics are, so a study finished on a new machine keeps what the old one measured."""
+    diagnosed = {row["run"] for row in rows}
+    gone = [row for row in earlier if row["run"] not in diagnosed and not Path(row["run"]).is_dir()]
+    return gone + rows
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--json", type=Path, help="also write the table as JSON")
+    parser.add_argument("--keep", type=Path, metavar="RECORDS",
+                        help="an earlier --json file: its rows of runs whose dirs are not on this disk "
+                             "(trained on another machine) are kept as recorded")
     args = parser.parse_args(argv)
     rows = [diagnose(run_dir) for run_dir in args.runs]
+    if args.keep and args.keep.exists():
+        rows = carried_rows(json.loads(args.keep.read_text()), rows)
     for row in rows:
         cells = {**row["routing_last_step"], **row["weights"]}
         print(f"{row['run']}  top1={row['top1']}")

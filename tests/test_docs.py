@@ -202,6 +202,39 @@ def test_routing_diagnostics_gives_the_last_step_and_each_metrics_mean_over_the_
     assert means == pytest.approx({"bias_spread": 0.4, "dropped": 0.25})  # blocks' means 0.3 and 0.2
 
 
+def test_routing_diagnostics_keeps_the_recorded_rows_of_runs_trained_on_another_machine(tmp_path):
+    import routing_diagnostics
+
+    here = tmp_path / "s2" / "run_c"
+    here.mkdir(parents=True)
+    (tmp_path / "s1" / "run_b").mkdir(parents=True)
+    earlier = [{"run": str(tmp_path / "s0" / "run_a"), "top1": 0.1},  # its dir is gone: kept as recorded
+               {"run": str(tmp_path / "s1" / "run_b"), "top1": 0.2},  # on disk but not finished: not kept
+               {"run": str(here), "top1": 0.3}]  # diagnosed again: the new row replaces it
+    rows = routing_diagnostics.carried_rows(earlier, [{"run": str(here), "top1": 0.4}])
+    assert [(Path(row["run"]).name, row["top1"]) for row in rows] == [("run_a", 0.1), ("run_c", 0.4)]
+
+
+def test_pooling_a_pooled_file_again_keeps_its_run_names_and_a_later_file_replaces_its_runs(tmp_path):
+    import pool_frontier
+
+    def run(label: str, seed: int, top1: float, name: str) -> dict:
+        return {"run": name, "label": label, "seed": seed, "model": "tiny", "data": "x", "setup": "", "top1": top1}
+
+    sweep = tmp_path / "sweep" / "pareto.json"
+    sweep.parent.mkdir()
+    sweep.write_text(json.dumps({"runs": [run("a", 0, 0.5, "s0/run_a0"), run("b", 1, 0.6, "s1/run_b1")]}))
+    pooled = tmp_path / "pooled" / "pareto.json"
+    pooled.parent.mkdir()
+    pooled.write_text(json.dumps({"pooled_from": ["earlier"], "runs": [run("a", 0, 0.5, "old/s0/run_a0"),
+                                                                      run("c", 0, 0.7, "old/s0/run_c0")]}))
+    rows = pool_frontier.pooled_rows([str(pooled), str(sweep)], "top1")
+    assert sorted(row["run"] for row in rows) == ["old/s0/run_c0", "sweep/s0/run_a0", "sweep/s1/run_b1"]
+    sweep.write_text(json.dumps({"runs": [run("a", 0, 0.55, "s0/run_a0")]}))  # not the run the records hold
+    with pytest.raises(SystemExit, match="not the same run"):
+        pool_frontier.pooled_rows([str(pooled), str(sweep)], "top1")
+
+
 def test_a_redrawn_picture_is_titled_with_its_setup_and_the_counts_of_its_records():
     import json
 
