@@ -4,6 +4,9 @@
 #   experiments/modern_routers.sh run CIFAR10_ROOT TINYIMAGENET_ROOT [LANES]   # every run, resumable
 #   experiments/modern_routers.sh report                                       # frontiers, tables, diagnostics
 #
+# Runs whose records are committed (results/modern_routers_*/pareto.json) are not trained again, so the
+# study resumes on a machine without its run dirs; the report keeps those records beside the new runs.
+#
 # A root given as - skips that dataset. Arms (3 seeds each, at the setup of recipes 1 and 11,
 # FLOPs per image matched to top-1 Tokens Choice over 32 experts):
 #   deepseek        variant=tc_deepseek_e32: sigmoid gate, aux-loss-free bias, 32 experts split 4 ways, 1 shared
@@ -67,7 +70,8 @@ run)
     for arm in "${more[@]}"; do
       for s in 0 1 2; do echo "$name $s $arm $overrides"; done
     done
-  done | "$here/run_queue.sh" "$out" "${4:-2}"
+  done | "${PYTHON:-python}" "$here/unrecorded.py" cifar10="$res/modern_routers_cifar10/pareto.json" \
+           tinyimagenet="$res/modern_routers_tinyimagenet/pareto.json" | "$here/run_queue.sh" "$out" "${4:-2}"
   ;;
 report)
   moebench=${MOEBENCH:-moebench}

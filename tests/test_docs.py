@@ -235,6 +235,26 @@ def test_pooling_a_pooled_file_again_keeps_its_run_names_and_a_later_file_replac
         pool_frontier.pooled_rows([str(pooled), str(sweep)], "top1")
 
 
+def test_a_study_on_a_new_machine_does_not_train_again_the_runs_its_committed_records_hold(tmp_path, monkeypatch,
+                                                                                           capsys):
+    import io
+
+    import unrecorded
+
+    records = tmp_path / "pareto.json"  # recipe 15's label of the DeepSeek-style preset, as `moebench pareto` wrote it
+    records.write_text(json.dumps({"runs": [{"label": "tokens_choice E32 k1 C1.0 sigmoid bias0.001 m4 shared1",
+                                             "seed": 0}]}))
+    queue = ["tiny 0 deepseek variant=tc_deepseek_e32 experiment=smoke\n",  # recorded
+             "tiny 1 deepseek variant=tc_deepseek_e32 experiment=smoke\n",  # another seed
+             "tiny 0 sigmoid variant=tc_deepseek_e32 router.gate=softmax experiment=smoke\n",  # another arm
+             "other 0 deepseek variant=tc_deepseek_e32 experiment=smoke\n"]  # no records for this name
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(queue)))
+    assert unrecorded.main([f"tiny={records}", f"missing={tmp_path / 'none.json'}"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "".join(queue[1:])
+    assert "tiny seed 0 deepseek is in the committed records: skipped" in err
+
+
 def test_a_redrawn_picture_is_titled_with_its_setup_and_the_counts_of_its_records():
     import json
 

@@ -1,0 +1,65 @@
+"""Drop from a run queue the runs whose records are committed: a study finished on a new machine.
+
+    ... | python experiments/unrecorded.py cifar10=results/modern_routers_cifar10/pareto.json ... | run_queue.sh ...
+
+A queue line is run_queue.sh's ``NAME SEED TAG OVERRIDES...``. A sweep's run dirs are not committed,
+its pareto.json is, so a queue run again on a machine without the dirs would train every committed
+run again. This composes each line's config as ``moebench train`` would, names its arm as
+``moebench pareto`` does (the router's label), and drops the line when the pareto.json given for its
+NAME already holds that arm at that seed. Lines of a NAME without a file, or whose arm the file
+does not hold, pass through unchanged. A label that the file disambiguates with appended keys
+does not match: such a run trains again (and pooling it checks it reproduced the record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from moebench.build import conf_dir
+from moebench.moe import registry
+
+
+def arm_label(overrides: list[str]) -> str:
+    """The arm ``moebench train OVERRIDES`` trains, as its result's label names it (inside
+    initialize_config_dir of moebench's conf/)."""
+    cfg = compose("train", overrides=overrides)
+    name = cfg.router.name
+    router = registry.find(name)
+    words = router.label(lambda key: OmegaConf.select(cfg, f"router.{key}")) if router else []
+    if cfg.get("init_from"):  # as moebench.pareto.records.Run.label
+        words.append("upcycled" if router is None or router.routed else "continued")
+    return " ".join([name, *words])
+
+
+def recorded(path: Path) -> set[tuple[str, int]]:
+    return {(row["label"], row["seed"]) for row in json.loads(path.read_text())["runs"]}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("records", nargs="*", metavar="NAME=PARETO_JSON",
+                        help="the committed pareto.json of the queue lines named NAME")
+    args = parser.parse_args(argv)
+    files = dict(pair.split("=", 1) for pair in args.records)
+    held = {name: recorded(Path(path)) for name, path in files.items() if Path(path).exists()}
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        for line in sys.stdin:
+            fields = line.split()
+            if len(fields) >= 3 and fields[0] in held:
+                name, seed, tag, *overrides = fields
+                if (arm_label([*overrides, f"seed={seed}"]), int(seed)) in held[name]:
+                    print(f"unrecorded.py: {name} seed {seed} {tag} is in the committed records: skipped",
+                          file=sys.stderr)
+                    continue
+            sys.stdout.write(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
