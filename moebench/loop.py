@@ -115,7 +115,13 @@ class RunState:
     started: float = field(default_factory=time.monotonic)  # this process's start (train.time_limit_min counts from it)
     time_before_s: float = 0.0  # training seconds of the processes this run resumed from, up to their checkpoint
     time_partial: bool = False  # some of those processes' time is unknown (a checkpoint older than 9963816)
+    start_step: int = 0  # the step this process started training from (a resume's checkpoint step)
     last_checkpoint: float = field(default_factory=time.monotonic)
+
+    def process_time_s(self) -> float:
+        """This process's share of the training time; none if it trained no step (a finished run
+        resumed is measured again, not trained again)."""
+        return time.monotonic() - self.started if self.step > self.start_step else 0.0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -264,6 +270,7 @@ def restore(run: RunState, ckpt: dict) -> None:
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {run.cfg.resume} does not fit this model: {str(err).splitlines()[0]}") from None
     run.epoch, run.batch, run.step = ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]
+    run.start_step = run.step
     run.best = ckpt.get("best", run.best)
     run.last_eval = ckpt.get("last_eval", {})
     run.skipped_steps = ckpt.get("skipped_steps", 0)
@@ -431,7 +438,7 @@ def save_run_checkpoint(run: RunState, is_best: bool = False) -> None:
         "epoch": run.epoch, "batch": run.batch, "step": run.step, "best": run.best, "last_eval": run.last_eval,
         "skipped_steps": run.skipped_steps, "last_finite_loss": run.last_finite_loss, "config": run.config,
         "wandb_id": run.recorder.wandb_run_id if run.recorder else None, "throughput": run.throughput.state_dict(),
-        "init_from": run.init_from, "train_time_s": run.time_before_s + time.monotonic() - run.started,
+        "init_from": run.init_from, "train_time_s": run.time_before_s + run.process_time_s(),
         "train_time_s_partial": run.time_partial,
     })
     run.last_checkpoint = time.monotonic()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +30,7 @@ def record_so_far(run) -> dict:
     }
     if "top5" in last_eval:
         quality["top5"] = last_eval["top5"]
-    this_process = time.monotonic() - run.started
+    this_process = run.process_time_s()
     record = {
         "config": run.config,
         "cost": {"params_total": run.params["total"], "params_active": run.params["active"],

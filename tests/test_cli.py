@@ -350,10 +350,15 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path, variant
     assert steps == [line["step"] for line in metric_lines(straight)]  # no duplicated lines after resume
     assert result(straight)["quality"] == result(cut)["quality"]
 
+    trained_for = result(cut)["train_time_s"]
     proc, _ = train(tmp_path, *common, f"resume={cut}", name="again")  # resuming a finished run
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result(cut)["status"] == "completed" and result(cut)["epochs_completed"] == 3
     assert result(cut)["quality"] == result(straight)["quality"]
+    # measured again, not trained again: its training time is the checkpoint's, with nothing added
+    assert result(cut)["train_time_s_this_process"] == 0
+    assert result(cut)["train_time_s"] == pytest.approx(torch.load(cut / "last.pt", weights_only=True)["train_time_s"])
+    assert result(cut)["train_time_s"] <= trained_for
 
 
 @pytest.mark.slow  # W&B's service start; the sweep test of test_pareto.py logs offline in the default suite
