@@ -22,19 +22,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moebench.build import conf_dir
-from moebench.moe import registry
+from moebench.pareto.records import Run
 
 
 def arm_label(overrides: list[str]) -> str:
     """The arm ``moebench train OVERRIDES`` trains, as its result's label names it (inside
     initialize_config_dir of moebench's conf/)."""
     cfg = compose("train", overrides=overrides)
-    name = cfg.router.name
-    router = registry.find(name)
-    words = router.label(lambda key: OmegaConf.select(cfg, f"router.{key}")) if router else []
-    if cfg.get("init_from"):  # as moebench.pareto.records.Run.label
-        words.append("upcycled" if router is None or router.routed else "continued")
-    return " ".join([name, *words])
+    keys = {"router": OmegaConf.to_container(cfg.router, resolve=True), "init_from": cfg.get("init_from")}
+    return Run(Path(), "queued", config=keys).label  # the label reads only these keys
 
 
 def recorded(path: Path) -> set[tuple[str, int]]:
