@@ -19,6 +19,13 @@ from datetime import datetime, timedelta
 import torch
 import torch.distributed as dist
 
+if dist.is_available():
+    # Imported before any process group exists, on purpose: this module binds ``group.WORLD`` into its functions'
+    # default arguments when it is first imported. torch._dynamo imports it (torch.compile, the dropless expert
+    # call); imported after ``init_process_group``, it would keep the group alive past ``destroy_process_group``,
+    # and gloo's threads would then race interpreter shutdown ("terminate called without an active exception").
+    import torch.distributed.nn.functional  # noqa: F401
+
 
 @dataclass(frozen=True)
 class Ranks:
