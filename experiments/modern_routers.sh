@@ -29,6 +29,9 @@
 #   deepseek+noise  V-MoE's gate noise (noise_std 1) beside the bias
 #   deepseek+importance V-MoE's importance loss (weight 0.005) beside the bias (its load loss cannot be: it
 #                   ignores the bias)
+# and the "-bias" arm without one of its two losses (both keep its gate noise), which of them carries its gain:
+#   deepseek-bias-importance V-MoE's load loss alone in place of the bias
+#   deepseek-bias-load       V-MoE's importance loss alone in place of the bias
 # pooled with the committed runs of the same setup: dense, Tokens Choice (V-MoE), Experts Choice
 # (recipes 1 and 11) and Soft MoE at logit scale 8 (recipes 7 and 11).
 # Expected runtime on 2 CPU cores at one thread per run (this recipe's, 2026-12-02, by the machine's load):
@@ -53,6 +56,8 @@ cifar10_followups=(  # CIFAR-10 only: whether the drops, or which half of V-MoE'
   "deepseek-dropless variant=tc_deepseek_e32 router.dropless=true"
   "deepseek+noise variant=tc_deepseek_e32 router.noise_std=1.0"
   "deepseek+importance variant=tc_deepseek_e32 router.importance_weight=0.005"
+  "deepseek-bias-importance variant=tc_deepseek_e32 router.bias_rate=null router.load_weight=0.005 router.noise_std=1.0"
+  "deepseek-bias-load variant=tc_deepseek_e32 router.bias_rate=null router.importance_weight=0.005 router.noise_std=1.0"
 )
 case ${1:-} in
 run)
