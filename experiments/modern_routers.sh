@@ -29,7 +29,9 @@
 #   deepseek+noise  V-MoE's gate noise (noise_std 1) beside the bias
 #   deepseek+importance V-MoE's importance loss (weight 0.005) beside the bias (its load loss cannot be: it
 #                   ignores the bias)
-# and the "-bias" arm without one of its two losses (both keep its gate noise), which of them carries its gain:
+# and the "-bias" arm without one of its two losses (both keep its gate noise): which of them carries its gain.
+# They differ from it only in keys its label leaves out, so they train in a sweep dir of their own
+# (multirun/modern_routers_losses), where their labels name the loss weights:
 #   deepseek-bias-importance V-MoE's load loss alone in place of the bias
 #   deepseek-bias-load       V-MoE's importance loss alone in place of the bias
 # pooled with the committed runs of the same setup: dense, Tokens Choice (V-MoE), Experts Choice
@@ -39,6 +41,7 @@
 set -euo pipefail
 here=$(dirname "$0")
 out=multirun/modern_routers
+losses=multirun/modern_routers_losses
 res=$here/results
 arms=(
   "deepseek variant=tc_deepseek_e32"
@@ -56,6 +59,8 @@ cifar10_followups=(  # CIFAR-10 only: whether the drops, or which half of V-MoE'
   "deepseek-dropless variant=tc_deepseek_e32 router.dropless=true"
   "deepseek+noise variant=tc_deepseek_e32 router.noise_std=1.0"
   "deepseek+importance variant=tc_deepseek_e32 router.importance_weight=0.005"
+)
+losses_followups=(  # CIFAR-10 only, in a sweep dir of their own (losses=): which of V-MoE's losses the "-bias" arm gains by
   "deepseek-bias-importance variant=tc_deepseek_e32 router.bias_rate=null router.load_weight=0.005 router.noise_std=1.0"
   "deepseek-bias-load variant=tc_deepseek_e32 router.bias_rate=null router.importance_weight=0.005 router.noise_std=1.0"
 )
@@ -76,6 +81,11 @@ run)
     done
   done | "${PYTHON:-python}" "$here/unrecorded.py" cifar10="$res/modern_routers_cifar10/pareto.json" \
            tinyimagenet="$res/modern_routers_tinyimagenet/pareto.json" | "$here/run_queue.sh" "$out" "${4:-2}"
+  [ "$cifar" = - ] && exit 0
+  for s in 0 1 2; do
+    for arm in "${losses_followups[@]}"; do echo "cifar10 $s $arm experiment=cifar10 data.root=$cifar"; done
+  done | "${PYTHON:-python}" "$here/unrecorded.py" cifar10="$res/modern_routers_cifar10/pareto.json" \
+         | "$here/run_queue.sh" "$losses" "${4:-2}"
   ;;
 report)
   moebench=${MOEBENCH:-moebench}
@@ -84,8 +94,13 @@ report)
   tc="tokens_choice E32 k1 C1.0"
   ec="experts_choice E32 C1.0"
   for d in cifar10 tinyimagenet; do
-    compgen -G "$out/$d/s*/[0-9]*_*/result.json" > /dev/null || { echo "no runs in $out/$d: skipped"; continue; }
-    "$moebench" pareto "$out/$d"/s* --out "$out/$d" --wandb-mode disabled > "$out/$d.pareto.txt"
+    sweeps=()  # this machine's runs of $d: the main queue's, and the losses follow-up's (labelled in a sweep of its own)
+    for o in "$out" "$losses"; do
+      compgen -G "$o/$d/s*/[0-9]*_*/result.json" > /dev/null || continue
+      "$moebench" pareto "$o/$d"/s* --out "$o/$d" --wandb-mode disabled > "$o/$d.pareto.txt"
+      sweeps+=("$o/$d/pareto.json")
+    done
+    [ ${#sweeps[@]} -gt 0 ] || { echo "no runs of $d in $out or $losses: skipped"; continue; }
     if [ "$d" = cifar10 ]; then
       # data.name=imagefolder of the committed runs reads the same tree the same way (recipe 14)
       pooled=(--same-data cifar10=imagefolder "$res/cifar10_routers/pareto.json:dense,$tc,$ec"
@@ -100,11 +115,11 @@ report)
     carried=()
     [ -f "$res/modern_routers_$d/pareto.json" ] && carried=("$res/modern_routers_$d/pareto.json")
     "$python" "$here/pool_frontier.py" --out "$res/modern_routers_$d" --title "$title: today's LM routers, Soft MoE and dense" \
-      "${carried[@]}" "${pooled[@]}" "$out/$d/pareto.json"
+      "${carried[@]}" "${pooled[@]}" "${sweeps[@]}"
     "$python" "$here/compare_arms.py" "$res/modern_routers_$d/pareto.json" --reference "$tc" --reference "$soft"
     finished=()  # completed runs (one still training has no result.json yet; a preempted one says "preempted")
-    for f in "$out/$d"/s*/[0-9]*_*/result.json; do
-      grep -q '"status": "completed"' "$f" && finished+=("$(dirname "$f")")
+    for f in "$out/$d"/s*/[0-9]*_*/result.json "$losses/$d"/s*/[0-9]*_*/result.json; do
+      [ -f "$f" ] && grep -q '"status": "completed"' "$f" && finished+=("$(dirname "$f")")
     done
     "$python" "$here/routing_diagnostics.py" "${finished[@]}" --json "$res/modern_routers_$d/routing_diagnostics.json" \
       --keep "$res/modern_routers_$d/routing_diagnostics.json" > /dev/null

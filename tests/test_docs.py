@@ -254,6 +254,21 @@ def test_a_study_on_a_new_machine_does_not_train_again_the_runs_its_committed_re
     assert out == "".join(queue[1:])
     assert "tiny seed 0 deepseek is in the committed records: skipped" in err
 
+    # Arms that differ only in keys their label leaves out (the "-bias" arm without its importance loss, and
+    # without its load loss) are told apart by those keys, as their own report labels them: a record of the
+    # "-bias" arm (the bare label) is neither of them, and theirs are skipped.
+    base = "tokens_choice E32 k1 C1.0 sigmoid m4 shared1"
+    records.write_text(json.dumps({"runs": [
+        {"label": base, "seed": 0},
+        {"label": f"{base} router.importance_weight=0.0 router.load_weight=0.005", "seed": 0}]}))
+    no_bias = "variant=tc_deepseek_e32 router.bias_rate=null router.noise_std=1.0 experiment=smoke"
+    queue = [f"tiny 0 -bias-importance {no_bias} router.load_weight=0.005\n",  # recorded
+             f"tiny 0 -bias-load {no_bias} router.importance_weight=0.005\n"]  # shares only the bare label
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(queue)))
+    assert unrecorded.main([f"tiny={records}"]) == 0
+    out, err = capsys.readouterr()
+    assert out == queue[1] and "tiny seed 0 -bias-importance is in the committed records: skipped" in err
+
 
 def test_a_redrawn_picture_is_titled_with_its_setup_and_the_counts_of_its_records():
     import json
