@@ -115,6 +115,7 @@ def test_moebench_leaves_no_group_behind_after_torch_dynamo_is_imported(tmp_path
         port = free.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MOEBENCH_COLLECTIVE_TIMEOUT_S", "60")  # a rank that fails leaves the other one waiting
     run_on_two_ranks(moebench_group_on_rank, tmp_path, join_group=False)
 
 
