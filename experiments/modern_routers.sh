@@ -103,10 +103,12 @@ report)
     [ ${#sweeps[@]} -gt 0 ] || { echo "no runs of $d in $out or $losses: skipped"; continue; }
     if [ "$d" = cifar10 ]; then
       # data.name=imagefolder of the committed runs reads the same tree the same way (recipe 14)
-      pooled=(--same-data cifar10=imagefolder "$res/cifar10_routers/pareto.json:dense,$tc,$ec"
+      same=(--same-data cifar10=imagefolder)
+      pooled=("$res/cifar10_routers/pareto.json:dense,$tc,$ec"
               "$res/cifar10_scale_grid/pareto.json:$soft")
       title="CIFAR-10 (experiment=cifar10, 3 epochs)"
     else
+      same=()
       pooled=("$res/tinyimagenet_routers/pareto.json:dense,$soft" "$res/tinyimagenet_routers2/pareto.json:$tc,$ec")
       title="Tiny-ImageNet-200 (experiment=tinyimagenet, 3 epochs)"
     fi
@@ -115,7 +117,7 @@ report)
     carried=()
     [ -f "$res/modern_routers_$d/pareto.json" ] && carried=("$res/modern_routers_$d/pareto.json")
     "$python" "$here/pool_frontier.py" --out "$res/modern_routers_$d" --title "$title: today's LM routers, Soft MoE and dense" \
-      "${carried[@]}" "${pooled[@]}" "${sweeps[@]}"
+      "${same[@]}" "${carried[@]}" "${pooled[@]}" "${sweeps[@]}"  # (options before the files: argparse)
     "$python" "$here/compare_arms.py" "$res/modern_routers_$d/pareto.json" --reference "$tc" --reference "$soft"
     finished=()  # completed runs (one still training has no result.json yet; a preempted one says "preempted")
     for f in "$out/$d"/s*/[0-9]*_*/result.json "$losses/$d"/s*/[0-9]*_*/result.json; do
