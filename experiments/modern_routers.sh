@@ -124,7 +124,7 @@ report)
       [ -f "$f" ] && grep -q '"status": "completed"' "$f" && finished+=("$(dirname "$f")")
     done
     "$python" "$here/routing_diagnostics.py" "${finished[@]}" --json "$res/modern_routers_$d/routing_diagnostics.json" \
-      --keep "$res/modern_routers_$d/routing_diagnostics.json" > /dev/null
+      --keep "$res/modern_routers_$d/routing_diagnostics.json" --labels "$res/modern_routers_$d/pareto.json" > /dev/null
   done
   ;;
 *) echo "usage: $0 run CIFAR10_ROOT TINYIMAGENET_ROOT [LANES] | $0 report" >&2; exit 2 ;;

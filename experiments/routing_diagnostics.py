@@ -1,6 +1,6 @@
 """Routing diagnostics of trained runs, from their records and final weights.
 
-    python experiments/routing_diagnostics.py RUN_DIR... [--json OUT [--keep OUT]]
+    python experiments/routing_diagnostics.py RUN_DIR... [--json OUT [--keep OUT]] [--labels PARETO_JSON]
 
 Per run, averaged over its MoE blocks: the routing metrics of its last logged
 training step (metrics.jsonl: dispatch/combine max and entropy, drops, ...),
@@ -77,7 +77,20 @@ def router_adam_moments(model: torch.nn.Module, config: dict, state: dict) -> di
     return {f"{block}/router_adam_m": torch.cat(moments).mean().item() for block, moments in blocks.items()}
 
 
-def diagnose(run_dir: Path) -> dict:
+def pooled_labels(pareto: Path, run_dirs: list[Path]) -> dict[Path, str]:
+    """Each run's arm as ``pareto`` names it: the label of its one record whose name ends the run's path.
+    Arms that share a router label are told apart by keys only in a report of them (moebench pareto)."""
+    rows = json.loads(pareto.read_text())["runs"]
+    labels = {}
+    for run_dir in run_dirs:
+        path = str(run_dir.resolve())
+        matches = {row["label"] for row in rows if path.endswith("/" + row["run"])}
+        if len(matches) == 1:
+            labels[run_dir] = matches.pop()
+    return labels
+
+
+def diagnose(run_dir: Path, label: str | None = None) -> dict:
     run = load_run(run_dir)
     record = read_run(run_dir)
     state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)["optimizer"]["state"]
@@ -85,7 +98,7 @@ def diagnose(run_dir: Path) -> dict:
     step_numbers, steps = [step for step, _ in logged], [metrics for _, metrics in logged]
     return {
         "run": str(run_dir),
-        "label": record.label,  # the run's arm, as moebench pareto names it
+        "label": label or record.label,  # the run's arm, as moebench pareto names it
         "seed": record.get("seed"),
         "routing_last_step": per_key_mean(steps[-1] if steps else {}),
         "routing_training_mean": per_key_mean(mean_over_steps(steps)),
@@ -112,8 +125,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep", type=Path, metavar="RECORDS",
                         help="an earlier --json file: its rows of runs whose dirs are not on this disk "
                              "(trained on another machine) are kept as recorded")
+    parser.add_argument("--labels", type=Path, metavar="PARETO_JSON",
+                        help="name each run's arm as this pareto.json does (the record whose name ends the "
+                             "run's path), not by its router label alone")
     args = parser.parse_args(argv)
-    rows = [diagnose(run_dir) for run_dir in args.runs]
+    labels = pooled_labels(args.labels, args.runs) if args.labels else {}
+    rows = [diagnose(run_dir, labels.get(run_dir)) for run_dir in args.runs]
     if args.keep and args.keep.exists():
         rows = carried_rows(json.loads(args.keep.read_text()), rows)
     for row in rows:

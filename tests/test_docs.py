@@ -215,6 +215,23 @@ def test_routing_diagnostics_keeps_the_recorded_rows_of_runs_trained_on_another_
     assert [(Path(row["run"]).name, row["top1"]) for row in rows] == [("run_a", 0.1), ("run_c", 0.4)]
 
 
+def test_routing_diagnostics_names_arms_as_the_pooled_records_do(tmp_path):
+    """Arms sharing a router label are told apart by keys only in a report of them: the diagnostics take
+    the report's labels (by run name), not the bare router label that would merge them into one row."""
+    import routing_diagnostics
+
+    runs = [tmp_path / "losses" / "cifar10" / "s0" / name for name in ("0_load", "0_importance", "0_unrecorded")]
+    base = "tokens_choice E32 k1 C1.0 sigmoid m4 shared1"
+    pareto = tmp_path / "pareto.json"
+    pareto.write_text(json.dumps({"runs": [
+        {"run": "cifar10/s0/0_load", "label": f"{base} router.importance_weight=0.0 router.load_weight=0.005"},
+        {"run": "cifar10/s0/0_importance", "label": f"{base} router.importance_weight=0.005 router.load_weight=0.0"},
+        {"run": "cifar10/s0/0_bias", "label": base}]}))
+    labels = routing_diagnostics.pooled_labels(pareto, runs)
+    assert labels == {runs[0]: f"{base} router.importance_weight=0.0 router.load_weight=0.005",
+                      runs[1]: f"{base} router.importance_weight=0.005 router.load_weight=0.0"}  # no record: own label
+
+
 def test_pooling_a_pooled_file_again_keeps_its_run_names_and_a_later_file_replaces_its_runs(tmp_path):
     import pool_frontier
 
