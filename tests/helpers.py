@@ -57,26 +57,23 @@ def assert_group_gone(timeout_s: float = 10.0) -> None:
     assert not gloo_threads(), f"the process group outlived destroy_process_group: threads {gloo_threads()} remain"
 
 
-def _rank_main(rank: int, body, init_file: str, errors, join_group: bool) -> None:
-    if not join_group:  # the body makes and ends its group itself
-        try:
-            body(rank)
-        except Exception:
-            errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-            raise
-        return
+def _in_a_group(rank: int, body, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         body(rank)
         gc.collect()  # (a DDP reducer in a reference cycle holds the group)
-    except Exception:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
     finally:
         dist.destroy_process_group()
+    assert_group_gone()
+
+
+def _rank_main(rank: int, body, init_file: str, errors, join_group: bool) -> None:
     try:
-        assert_group_gone()
-    except AssertionError:
+        if join_group:
+            _in_a_group(rank, body, init_file)
+        else:  # the body makes and ends its group itself
+            body(rank)
+    except Exception:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
 
